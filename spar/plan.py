@@ -1,0 +1,207 @@
+"""Spec -> stage graph; fingerprints; fresh / stale / missing with reasons.
+
+fingerprint(stage) = hash(stage kind, stage version, canonical JSON of exactly the parameters
+that change its result, content hashes of its input files, upstream fingerprints).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from spar.errors import InputError
+from spar.spec import Spec
+from spar.stages.base import StageNode, pick
+from spar.stages.dataset import DatasetStage
+from spar.stages.judge import JudgeStage
+from spar.stages.report import ReportStage
+from spar.stages.sample import SampleStage
+from spar.stages.train import TrainStage
+from spar.store import RunStore, hash_json, read_params
+
+Status = Literal["fresh", "stale", "missing"]
+
+# Spec keys that never enter a fingerprint (labels, styling, concurrency, paths whose *content*
+# is hashed instead). Every other leaf of a spec is a parameter of some stage; a test pins this.
+COSMETIC_KEYS: tuple[str, ...] = (
+    "name",
+    "description",
+    "framing",
+    "data.docs",
+    "eval.questions",
+    "eval.concurrency",
+    "judge.rubric",
+    "judge.concurrency",
+    "training.save_every",
+    "report.plot",
+)
+
+DATASET, TRAIN, SAMPLE, JUDGE, REPORT = (
+    DatasetStage(),
+    TrainStage(),
+    SampleStage(),
+    JudgeStage(),
+    ReportStage(),
+)
+
+
+def build_graph(spec: Spec) -> list[StageNode]:
+    """The pipeline of one spec, in dependency order."""
+
+    def node(name: str, kind: Any, upstream: tuple[str, ...] = (), **inputs: Path) -> StageNode:
+        return StageNode(
+            name=name,
+            kind=kind,
+            experiment=spec.name,
+            params=pick(spec, *kind.param_keys),
+            inputs={k.replace("__", "."): v for k, v in inputs.items()},
+            upstream=upstream,
+            spec=spec,
+        )
+
+    return [
+        node("dataset", DATASET, data__docs=spec.data.docs),
+        node("train", TRAIN, ("dataset",)),
+        node("sample_base", SAMPLE),
+        node("sample_finetuned", SAMPLE, ("train",)),
+        node("judge", JUDGE, ("sample_base", "sample_finetuned"), judge__rubric=spec.judge.rubric),
+        node("report", REPORT, ("judge",)),
+    ]
+
+
+@dataclass
+class PlannedStage:
+    node: StageNode
+    fingerprint: str
+    status: Status
+    reasons: list[str]
+    input_hashes: dict[str, str]
+    upstream_fps: dict[str, str]
+    output_dir: Path
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "experiment": self.node.experiment,
+            "stage": self.node.name,
+            "status": self.status,
+            "reasons": self.reasons,
+        }
+
+
+def fingerprint(node: StageNode, input_hashes: dict[str, str], upstream_fps: dict[str, str]) -> str:
+    return hash_json(
+        {
+            "kind": node.kind.kind,
+            "version": node.kind.version,
+            "params": node.params,
+            "inputs": input_hashes,
+            "upstream": upstream_fps,
+        }
+    )
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _show(v: Any) -> str:
+    s = repr(v) if isinstance(v, str) else str(v)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def diff_reasons(
+    node: StageNode,
+    old_params: dict[str, Any],
+    old_inputs: dict[str, str],
+    old_upstream: dict[str, str],
+    old_version: int,
+    input_hashes: dict[str, str],
+    upstream_fps: dict[str, str],
+) -> list[str]:
+    reasons: list[str] = []
+    if old_version != node.kind.version:
+        reasons.append(f"stage version {old_version} -> {node.kind.version}")
+    old, new = _flatten(old_params), _flatten(node.params)
+    for key in sorted(old.keys() | new.keys()):
+        if old.get(key, "<unset>") != new.get(key, "<unset>"):
+            reasons.append(f"{key}: {_show(old.get(key, '<unset>'))} -> {_show(new.get(key, '<unset>'))}")
+    for key in sorted(old_inputs.keys() | input_hashes.keys()):
+        if old_inputs.get(key) != input_hashes.get(key):
+            reasons.append(f"{key} content changed")
+    for name in node.upstream:
+        if old_upstream.get(name) != upstream_fps.get(name):
+            reasons.append(f"upstream {name} changed")
+    return reasons or ["fingerprint changed"]
+
+
+def plan_nodes(nodes: list[StageNode], store: RunStore) -> list[PlannedStage]:
+    """Status of every node. Nodes must be in dependency order within each experiment."""
+    planned: list[PlannedStage] = []
+    fps: dict[tuple[str, str], str] = {}
+    for node in nodes:
+        input_hashes: dict[str, str] = {}
+        for key, path in node.inputs.items():
+            check = node.kind.line_check(node, key)
+            if check is None:
+                input_hashes[key] = store.hashes.hash_file(path)
+            else:
+                input_hashes[key] = store.hashes.hash_file(path, check[1], check[0])
+        upstream_fps = {u: fps[(node.experiment, u)] for u in node.upstream}
+        fp = fingerprint(node, input_hashes, upstream_fps)
+        fps[(node.experiment, node.name)] = fp
+        out_dir = store.stage_dir(node.experiment, node.name)
+        status, reasons = _status(node, fp, out_dir, store, input_hashes, upstream_fps)
+        planned.append(
+            PlannedStage(node, fp, status, reasons, input_hashes, upstream_fps, out_dir)
+        )
+    return planned
+
+
+def _status(
+    node: StageNode,
+    fp: str,
+    out_dir: Path,
+    store: RunStore,
+    input_hashes: dict[str, str],
+    upstream_fps: dict[str, str],
+) -> tuple[Status, list[str]]:
+    records = [(name, read_params(out_dir / name)) for name in node.outputs]
+    missing = [name for name, rec in records if rec is None or not (out_dir / name).exists()]
+    if missing:
+        return "missing", [f"output missing: {', '.join(missing)}"]
+    for name, rec in records:
+        assert rec is not None
+        if rec.fingerprint != fp:
+            return "stale", diff_reasons(
+                node,
+                rec.params,
+                {k: v for k, v in rec.inputs.items()},
+                {k: v["fingerprint"] for k, v in rec.upstream.items()},
+                rec.stage_version,
+                input_hashes,
+                upstream_fps,
+            )
+        if store.output_hash(out_dir / name) != rec.output_hash:
+            return "stale", [f"output {name} changed on disk"]
+    return "fresh", []
+
+
+def plan_specs(specs: list[Spec], store: RunStore) -> list[PlannedStage]:
+    names: dict[str, Spec] = {}
+    for spec in specs:
+        if spec.name in names:
+            raise InputError(f"{spec.name}: name: two specs given share this name")
+        names[spec.name] = spec
+    nodes = [n for spec in specs for n in build_graph(spec)]
+    return plan_nodes(nodes, store)
+
+
+__all__ = ["COSMETIC_KEYS", "PlannedStage", "build_graph", "plan_nodes", "plan_specs"]
