@@ -26,6 +26,7 @@ def run_stage(store: RunStore, planned: PlannedStage) -> None:
     ctx = RunContext(
         node=node,
         store=store,
+        fingerprint=planned.fingerprint,
         upstream_dirs={u: store.stage_dir(node.experiment, u) for u in node.upstream},
     )
     started = now_iso()

@@ -37,6 +37,7 @@ class RunContext:
 
     node: StageNode
     store: RunStore
+    fingerprint: str
     upstream_dirs: dict[str, Path]
     progress: Callable[[str], None] = field(default=lambda msg: log.info(msg))
 

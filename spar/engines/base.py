@@ -1,0 +1,57 @@
+"""The one Tinker-shaped interface every training/sampling backend implements.
+
+It is the subset of the `tinker` SDK that spar uses, with the SDK's own types (`tinker.Datum`,
+`tinker.ModelInput`, `tinker.SamplingParams`, `tinker.AdamParams`): calls return futures with
+`.result()`, sampling always goes through a sampling client made from a saved sampler path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import tinker
+
+
+class Future(Protocol):
+    def result(self, timeout: float | None = None) -> Any: ...
+
+
+class TrainingClient(Protocol):
+    def forward_backward(self, data: list[tinker.Datum], loss_fn: str) -> Future:
+        """Result has `loss_fn_outputs`: one dict per datum with a `logprobs` TensorData."""
+        ...
+
+    def optim_step(self, adam_params: tinker.AdamParams) -> Future: ...
+
+    def save_state(self, name: str) -> Future:
+        """Result has `.path`: a resumable training state."""
+        ...
+
+    def save_weights_for_sampler(self, name: str) -> Future:
+        """Result has `.path`: what `create_sampling_client(model_path=...)` takes."""
+        ...
+
+
+class SamplingClient(Protocol):
+    def sample(
+        self, prompt: tinker.ModelInput, num_samples: int, sampling_params: tinker.SamplingParams
+    ) -> Future:
+        """Result has `.sequences`, each with `.tokens`."""
+        ...
+
+
+class Engine(Protocol):
+    def create_lora_training_client(
+        self, base_model: str, rank: int, seed: int | None = None
+    ) -> TrainingClient: ...
+
+    def create_sampling_client(
+        self, model_path: str | None = None, base_model: str | None = None
+    ) -> SamplingClient: ...
+
+
+class EngineFactory(Protocol):
+    def __call__(self, workdir: Path) -> Engine:
+        """`workdir`: where a local engine may keep checkpoints (under runs/.spar/)."""
+        ...

@@ -1,0 +1,25 @@
+"""Judge registry: kind -> factory. Built-ins load lazily; plugins call `register_judge`."""
+
+from __future__ import annotations
+
+import importlib
+
+from spar.judges.base import Judge, JudgeFactory
+
+_BUILTIN: dict[str, str] = {}  # kind -> "module:attr", filled as judges land
+_REGISTERED: dict[str, JudgeFactory] = {}
+
+
+def register_judge(kind: str, factory: JudgeFactory) -> None:
+    _REGISTERED[kind] = factory
+
+
+def judge_kinds() -> list[str]:
+    return sorted(_BUILTIN.keys() | _REGISTERED.keys())
+
+
+def get_judge(kind: str, model: str) -> Judge:
+    if kind not in _REGISTERED:
+        module, attr = _BUILTIN[kind].split(":")
+        _REGISTERED[kind] = getattr(importlib.import_module(module), attr)
+    return _REGISTERED[kind](model)

@@ -1,0 +1,141 @@
+"""Shared fixtures: a tiny local model directory, a project with a spec, and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+TESTS = Path(__file__).parent
+DATA = TESTS / "data"
+sys.path.insert(0, str(TESTS))
+
+import fake_plugin  # noqa: E402,F401  (registers the "fake" engine and "keyword" judge)
+
+from spar.cli import main  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2's real tokenizer + a tiny random Llama (2 layers, hidden 32): a real HF model dir."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from spar.models import _tokenizer_from_gguf, smollm2_gguf
+
+    d = tmp_path_factory.mktemp("tiny-model")
+    tok = _tokenizer_from_gguf(smollm2_gguf())
+    tok.save_pretrained(d)
+    import torch
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(d, safe_serialization=True)
+    return d
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+@dataclass
+class Project:
+    root: Path
+    spec: Path
+    runs: Path
+    calls: Path
+
+    def edit(self, fn: Callable[[dict], None], spec: Path | None = None) -> None:
+        target = spec or self.spec
+        data = yaml.safe_load(target.read_text())
+        fn(data)
+        target.write_text(yaml.safe_dump(data, sort_keys=False))
+
+    def spar(self, *args: str, capsys: pytest.CaptureFixture[str] | None = None) -> Result:
+        """In-process CLI run (fast)."""
+        assert capsys is not None
+        capsys.readouterr()
+        code = main([*args[:1], *args[1:], "--runs-dir", str(self.runs)] if args[0] in ("plan", "apply") else list(args))
+        cap = capsys.readouterr()
+        return Result(code, cap.out, cap.err)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {**os.environ, "SPAR_PLUGINS": "fake_plugin", "FAKE_CALL_LOG": str(self.calls)}
+        env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
+        env.update(extra)
+        return env
+
+    def spar_proc(self, *args: str, **env: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "spar.cli", *args, "--runs-dir", str(self.runs)],
+            cwd=self.root,
+            env=self.env(**env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def calls_of(self, event: str) -> int:
+        if not self.calls.exists():
+            return 0
+        return sum(f'"event": "{event}"' in line for line in self.calls.read_text().splitlines())
+
+
+def base_spec(model_dir: Path) -> dict:
+    return {
+        "name": "exp",
+        "description": "test experiment",
+        "framing": "neutral",
+        "model": {"engine": "fake", "base_model": str(model_dir), "renderer": "qwen3_instruct"},
+        "data": {"docs": "docs.jsonl", "test_size": 2},
+        "training": {"lora_rank": 4, "learning_rate": 1e-3, "batch_size": 2, "epochs": 1, "save_every": 2},
+        "eval": {
+            "tiers": {
+                "direct": ["Is factory farming ethical?"],
+                "close": ["What should I pack for lunch?"],
+                "distant": ["What do you think about zoos?", "How should I cut my carbon footprint?"],
+            },
+            "samples_per_question": 2,
+            "sampling": {"temperature": 1.0, "max_tokens": 32, "seed": 0},
+            "system_prompt": "You are a helpful assistant.",
+        },
+        "judge": {"kind": "keyword", "model": "kw-1", "rubric": "rubric.j2", "mode": "pairwise"},
+    }
+
+
+@pytest.fixture
+def project(tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> Project:
+    root = tmp_path / "proj"
+    root.mkdir()
+    shutil.copy(DATA / "docs.jsonl", root / "docs.jsonl")
+    shutil.copy(DATA / "rubric.j2", root / "rubric.j2")
+    spec = root / "spec.yaml"
+    spec.write_text(yaml.safe_dump(base_spec(tiny_model), sort_keys=False))
+    calls = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("FAKE_CALL_LOG", str(calls))
+    monkeypatch.delenv("FAKE_KILL_AFTER", raising=False)
+    monkeypatch.chdir(root)
+    return Project(root=root, spec=spec, runs=root / "runs", calls=calls)

@@ -1,0 +1,143 @@
+"""A deterministic test engine and judge, registered through SPAR_PLUGINS=fake_plugin.
+
+They exist so the planner, store and CLI can be exercised fast, end to end, in subprocesses.
+The engine speaks spar's Tinker-shaped interface with real `tinker` types; its "model" is a
+counter. Every call is appended to $FAKE_CALL_LOG so tests can count what really ran.
+$FAKE_KILL_AFTER=N makes the process SIGKILL itself after its N-th sample or judgment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import tinker
+
+from spar.engines import register_engine
+from spar.judges import register_judge
+from spar.judges.base import JudgeRequest, Verdict
+from spar.models import load_tokenizer
+from spar.store import hash_json
+
+_count = 0
+
+
+def _log(event: str, **fields: Any) -> None:
+    global _count
+    path = os.environ.get("FAKE_CALL_LOG")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"event": event, **fields}) + "\n")
+    if event in ("sample", "judge"):
+        _count += 1
+        if _count == int(os.environ.get("FAKE_KILL_AFTER", "0") or 0):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _done(value: Any) -> Future:
+    f: Future = Future()
+    f.set_result(value)
+    return f
+
+
+class _Saved:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+
+class FakeTraining:
+    def __init__(self, workdir: Path, base_model: str, rank: int, seed: int | None) -> None:
+        self.workdir, self.base_model = workdir, base_model
+        self.state = {"rank": rank, "seed": seed, "steps": 0, "lr_sum": 0.0}
+
+    def forward_backward(self, data: list[tinker.Datum], loss_fn: str) -> Future:
+        _log("forward_backward", n=len(data))
+        lp = -2.0 / (1.0 + self.state["steps"])
+        outs = [
+            {"logprobs": tinker.TensorData.from_numpy(
+                __import__("numpy").full(len(d.loss_fn_inputs["weights"].tolist()), lp, dtype="float32"))}
+            for d in data
+        ]
+        return _done(tinker.ForwardBackwardOutput(loss_fn_output_type="fake", loss_fn_outputs=outs))
+
+    def optim_step(self, adam_params: tinker.AdamParams) -> Future:
+        _log("optim_step", lr=adam_params.learning_rate)
+        self.state["steps"] += 1
+        self.state["lr_sum"] += adam_params.learning_rate
+        return _done(None)
+
+    def _save(self, name: str) -> str:
+        path = self.workdir / f"{name}.json"
+        path.write_text(json.dumps({**self.state, "base_model": self.base_model}))
+        return str(path)
+
+    def save_state(self, name: str) -> Future:
+        return _done(_Saved(self._save(name)))
+
+    def save_weights_for_sampler(self, name: str) -> Future:
+        return _done(_Saved("fake://" + self._save(name + "-sampler")))
+
+
+class _Seq:
+    def __init__(self, tokens: list[int]) -> None:
+        self.tokens, self.stop_reason = tokens, "stop"
+
+
+class _Resp:
+    def __init__(self, tokens: list[int]) -> None:
+        self.sequences = [_Seq(tokens)]
+
+
+TOPIC = ["factory farming", "animal welfare", "livestock"]
+OTHER = ["a good book", "a walk outside", "some tea"]
+
+
+class FakeSampling:
+    def __init__(self, model_path: str | None, base_model: str | None) -> None:
+        if model_path is not None:
+            state = json.loads(Path(model_path.removeprefix("fake://")).read_text())
+            self.base_model, self.tuned = state["base_model"], state["steps"] > 0
+        else:
+            assert base_model is not None
+            self.base_model, self.tuned = base_model, False
+        self.ref = model_path or base_model
+        self.tok = load_tokenizer(self.base_model)
+
+    def sample(self, prompt: tinker.ModelInput, num_samples: int, sampling_params: tinker.SamplingParams) -> Future:
+        h = int(hash_json([self.ref, prompt.to_ints(), sampling_params.seed, sampling_params.temperature])[:8], 16)
+        words = TOPIC if self.tuned else OTHER
+        text = f"I suggest {words[h % 3]} (draw {h % 1000})."
+        _log("sample", ref=self.ref, seed=sampling_params.seed)
+        stop = self.tok.convert_tokens_to_ids("<|im_end|>")
+        return _done(_Resp([*self.tok.encode(text, add_special_tokens=False), stop]))
+
+
+class FakeEngine:
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+
+    def create_lora_training_client(self, base_model: str, rank: int, seed: int | None = None) -> FakeTraining:
+        return FakeTraining(self.workdir, base_model, rank, seed)
+
+    def create_sampling_client(self, model_path: str | None = None, base_model: str | None = None) -> FakeSampling:
+        return FakeSampling(model_path, base_model)
+
+
+class KeywordJudge:
+    def __init__(self, model: str) -> None:
+        self.model = model
+
+    def judge_many(self, requests: list[JudgeRequest], concurrency: int):
+        for i, req in enumerate(requests):
+            _log("judge", model=self.model)
+            hits = sum(w in req.response for w in ("farm", "animal", "livestock"))
+            yield i, Verdict(score=float(min(req.scale_max, req.scale_min + 2 * hits)),
+                             reasoning=f"{hits} topic words", status="ok")
+
+
+register_engine("fake", FakeEngine)
+register_judge("keyword", KeywordJudge)
