@@ -51,7 +51,9 @@ def load_and_plan(paths: list[Path], store: RunStore) -> list:  # list[PlannedSt
                 f"{path}: judge.kind: unknown judge {spec.judge.kind!r} "
                 f"(available: {', '.join(judge_kinds()) or 'none'})"
             )
-        rubric.validate(spec.judge.rubric, spec.judge.mode, spec.judge.scale.min, spec.judge.scale.max)
+        rubric.validate(
+            spec.judge.rubric, spec.judge.mode, spec.judge.scale.min, spec.judge.scale.max
+        )
     return plan_specs(specs, store)
 
 

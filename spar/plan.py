@@ -132,7 +132,9 @@ def diff_reasons(
     old, new = _flatten(old_params), _flatten(node.params)
     for key in sorted(old.keys() | new.keys()):
         if old.get(key, "<unset>") != new.get(key, "<unset>"):
-            reasons.append(f"{key}: {_show(old.get(key, '<unset>'))} -> {_show(new.get(key, '<unset>'))}")
+            reasons.append(
+                f"{key}: {_show(old.get(key, '<unset>'))} -> {_show(new.get(key, '<unset>'))}"
+            )
     for key in sorted(old_inputs.keys() | input_hashes.keys()):
         if old_inputs.get(key) != input_hashes.get(key):
             reasons.append(f"{key} content changed")
@@ -159,9 +161,7 @@ def plan_nodes(nodes: list[StageNode], store: RunStore) -> list[PlannedStage]:
         fps[(node.experiment, node.name)] = fp
         out_dir = store.stage_dir(node.experiment, node.name)
         status, reasons = _status(node, fp, out_dir, store, input_hashes, upstream_fps)
-        planned.append(
-            PlannedStage(node, fp, status, reasons, input_hashes, upstream_fps, out_dir)
-        )
+        planned.append(PlannedStage(node, fp, status, reasons, input_hashes, upstream_fps, out_dir))
     return planned
 
 

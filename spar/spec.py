@@ -1,4 +1,4 @@
-"""Pydantic models of an experiment spec; loading (`extends:` deep-merge, relative paths), validation.
+"""Pydantic models of an experiment spec; loading (`extends:` deep-merge, relative paths).
 
 Every model forbids unknown keys. Paths in a spec resolve relative to the file that wrote them, so a
 child spec may extend a parent in another directory.

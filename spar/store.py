@@ -23,7 +23,15 @@ from pydantic import BaseModel, ConfigDict
 HASH_ALGO = "sha256"
 _CHUNK = 8 * 1024 * 1024
 SECRET_MARKERS = ("KEY", "TOKEN", "SECRET")
-_VERSIONED_LIBS = ("spar", "tinker", "tinker-cookbook", "torch", "transformers", "peft", "anthropic")
+_VERSIONED_LIBS = (
+    "spar",
+    "tinker",
+    "tinker-cookbook",
+    "torch",
+    "transformers",
+    "peft",
+    "anthropic",
+)
 
 _TEXT_SUFFIXES = {".json", ".jsonl", ".yaml", ".txt", ".html", ".md", ".csv"}
 # A line checker gets (line bytes without newline, 1-based line number) and raises on bad input.
@@ -297,7 +305,7 @@ class RunStore:
         return self.hashes.hash_file(output)
 
     def write_output(self, output: Path, data: bytes, record: dict[str, Any]) -> ParamsRecord:
-        """Write an output atomically, then its params file (so a params file implies its output)."""
+        """Write an output atomically, then its params file: a params file implies its output."""
         params_path(output).unlink(missing_ok=True)
         if output.suffix in _TEXT_SUFFIXES:
             data = redact(data.decode()).encode()

@@ -78,7 +78,11 @@ class Project:
         """In-process CLI run (fast)."""
         assert capsys is not None
         capsys.readouterr()
-        code = main([*args[:1], *args[1:], "--runs-dir", str(self.runs)] if args[0] in ("plan", "apply") else list(args))
+        code = main(
+            [*args[:1], *args[1:], "--runs-dir", str(self.runs)]
+            if args[0] in ("plan", "apply")
+            else list(args)
+        )
         cap = capsys.readouterr()
         return Result(code, cap.out, cap.err)
 
@@ -111,12 +115,21 @@ def base_spec(model_dir: Path) -> dict:
         "framing": "neutral",
         "model": {"engine": "fake", "base_model": str(model_dir), "renderer": "qwen3_instruct"},
         "data": {"docs": "docs.jsonl", "test_size": 2},
-        "training": {"lora_rank": 4, "learning_rate": 1e-3, "batch_size": 2, "epochs": 1, "save_every": 2},
+        "training": {
+            "lora_rank": 4,
+            "learning_rate": 1e-3,
+            "batch_size": 2,
+            "epochs": 1,
+            "save_every": 2,
+        },
         "eval": {
             "tiers": {
                 "direct": ["Is factory farming ethical?"],
                 "close": ["What should I pack for lunch?"],
-                "distant": ["What do you think about zoos?", "How should I cut my carbon footprint?"],
+                "distant": [
+                    "What do you think about zoos?",
+                    "How should I cut my carbon footprint?",
+                ],
             },
             "samples_per_question": 2,
             "sampling": {"temperature": 1.0, "max_tokens": 32, "seed": 0},

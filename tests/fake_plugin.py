@@ -58,8 +58,13 @@ class FakeTraining:
         _log("forward_backward", n=len(data))
         lp = -2.0 / (1.0 + self.state["steps"])
         outs = [
-            {"logprobs": tinker.TensorData.from_numpy(
-                __import__("numpy").full(len(d.loss_fn_inputs["weights"].tolist()), lp, dtype="float32"))}
+            {
+                "logprobs": tinker.TensorData.from_numpy(
+                    __import__("numpy").full(
+                        len(d.loss_fn_inputs["weights"].tolist()), lp, dtype="float32"
+                    )
+                )
+            }
             for d in data
         ]
         return _done(tinker.ForwardBackwardOutput(loss_fn_output_type="fake", loss_fn_outputs=outs))
@@ -107,8 +112,15 @@ class FakeSampling:
         self.ref = model_path or base_model
         self.tok = load_tokenizer(self.base_model)
 
-    def sample(self, prompt: tinker.ModelInput, num_samples: int, sampling_params: tinker.SamplingParams) -> Future:
-        h = int(hash_json([self.ref, prompt.to_ints(), sampling_params.seed, sampling_params.temperature])[:8], 16)
+    def sample(
+        self, prompt: tinker.ModelInput, num_samples: int, sampling_params: tinker.SamplingParams
+    ) -> Future:
+        h = int(
+            hash_json(
+                [self.ref, prompt.to_ints(), sampling_params.seed, sampling_params.temperature]
+            )[:8],
+            16,
+        )
         words = TOPIC if self.tuned else OTHER
         text = f"I suggest {words[h % 3]} (draw {h % 1000})."
         _log("sample", ref=self.ref, seed=sampling_params.seed)
@@ -120,10 +132,14 @@ class FakeEngine:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
 
-    def create_lora_training_client(self, base_model: str, rank: int, seed: int | None = None) -> FakeTraining:
+    def create_lora_training_client(
+        self, base_model: str, rank: int, seed: int | None = None
+    ) -> FakeTraining:
         return FakeTraining(self.workdir, base_model, rank, seed)
 
-    def create_sampling_client(self, model_path: str | None = None, base_model: str | None = None) -> FakeSampling:
+    def create_sampling_client(
+        self, model_path: str | None = None, base_model: str | None = None
+    ) -> FakeSampling:
         return FakeSampling(model_path, base_model)
 
 
@@ -135,8 +151,14 @@ class KeywordJudge:
         for i, req in enumerate(requests):
             _log("judge", model=self.model)
             hits = sum(w in req.response for w in ("farm", "animal", "livestock"))
-            yield i, Verdict(score=float(min(req.scale_max, req.scale_min + 2 * hits)),
-                             reasoning=f"{hits} topic words", status="ok")
+            yield (
+                i,
+                Verdict(
+                    score=float(min(req.scale_max, req.scale_min + 2 * hits)),
+                    reasoning=f"{hits} topic words",
+                    status="ok",
+                ),
+            )
 
 
 register_engine("fake", FakeEngine)

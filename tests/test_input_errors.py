@@ -57,8 +57,10 @@ def test_record_missing_content(project, capsys):
 def test_chat_record_bad_role(project, capsys):
     docs = project.root / "chat.jsonl"
     docs.write_text(
-        json.dumps({"messages": [{"role": "user", "content": "hi"}], "metadata": {}}) + "\n"
-        + json.dumps({"messages": [{"role": "robot", "content": "hi"}]}) + "\n"
+        json.dumps({"messages": [{"role": "user", "content": "hi"}], "metadata": {}})
+        + "\n"
+        + json.dumps({"messages": [{"role": "robot", "content": "hi"}]})
+        + "\n"
     )
     project.edit(lambda d: d["data"].update(docs="chat.jsonl", format="chat"))
     check_rejected(project, capsys, "chat.jsonl", "line 2", "role")
@@ -147,6 +149,6 @@ def test_second_spec_bad_means_first_not_run(project, capsys):
 def test_error_via_subprocess_has_no_traceback(project):
     project.edit(lambda d: d["training"].update(learnin_rate=0.1))
     p = project.spar_proc("apply", str(project.spec))
-    out, err = p.communicate(timeout=120)
+    _, err = p.communicate(timeout=120)
     assert p.returncode == 2
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err

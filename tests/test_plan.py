@@ -37,7 +37,10 @@ def applied(project, capsys):
 def test_fresh_after_apply_and_second_apply_runs_nothing(project, capsys):
     before = plan(project, capsys)
     assert {r["status"] for r in before.values()} == {"missing"}
-    assert all(r["reasons"] == ["output missing: " + r["reasons"][0].split(": ", 1)[1]] for r in before.values())
+    assert all(
+        r["reasons"] == ["output missing: " + r["reasons"][0].split(": ", 1)[1]]
+        for r in before.values()
+    )
     r = project.spar("apply", str(project.spec), capsys=capsys)
     assert r.code == 0
     assert {line.split(" / ")[1] for line in r.out.splitlines()} == ALL
@@ -50,24 +53,78 @@ def test_fresh_after_apply_and_second_apply_runs_nothing(project, capsys):
 
 EDITS = [
     # (edit id, spec edit or None, file edit or None, expected stale set, reason fragment, stage)
-    ("learning_rate", lambda d: d["training"].update(learning_rate=2e-3), None, TUNED,
-     "training.learning_rate: 0.001 -> 0.002", "train"),
-    ("lora_rank", lambda d: d["training"].update(lora_rank=8), None, TUNED,
-     "training.lora_rank: 4 -> 8", "train"),
-    ("renderer", lambda d: d["model"].update(renderer="role_colon"), None, ALL,
-     "model.renderer: 'qwen3_instruct' -> 'role_colon'", "sample_base"),
-    ("question", lambda d: d["eval"]["tiers"]["close"].__setitem__(0, "What is for dinner?"), None,
-     SAMPLES, "eval.tiers.close", "sample_base"),
-    ("temperature", lambda d: d["eval"]["sampling"].update(temperature=0.7), None, SAMPLES,
-     "eval.sampling.temperature: 1.0 -> 0.7", "sample_finetuned"),
-    ("samples_per_question", lambda d: d["eval"].update(samples_per_question=3), None, SAMPLES,
-     "eval.samples_per_question: 2 -> 3", "sample_base"),
-    ("judge_model", lambda d: d["judge"].update(model="kw-2"), None, JUDGE,
-     "judge.model: 'kw-1' -> 'kw-2'", "judge"),
-    ("rubric", None, ("rubric.j2", lambda t: t + "Be strict.\n"), JUDGE,
-     "judge.rubric content changed", "judge"),
-    ("docs", None, ("docs.jsonl", lambda t: t.replace("tunnel ventilation", "cross ventilation")),
-     {"dataset", *TUNED}, "data.docs content changed", "dataset"),
+    (
+        "learning_rate",
+        lambda d: d["training"].update(learning_rate=2e-3),
+        None,
+        TUNED,
+        "training.learning_rate: 0.001 -> 0.002",
+        "train",
+    ),
+    (
+        "lora_rank",
+        lambda d: d["training"].update(lora_rank=8),
+        None,
+        TUNED,
+        "training.lora_rank: 4 -> 8",
+        "train",
+    ),
+    (
+        "renderer",
+        lambda d: d["model"].update(renderer="role_colon"),
+        None,
+        ALL,
+        "model.renderer: 'qwen3_instruct' -> 'role_colon'",
+        "sample_base",
+    ),
+    (
+        "question",
+        lambda d: d["eval"]["tiers"]["close"].__setitem__(0, "What is for dinner?"),
+        None,
+        SAMPLES,
+        "eval.tiers.close",
+        "sample_base",
+    ),
+    (
+        "temperature",
+        lambda d: d["eval"]["sampling"].update(temperature=0.7),
+        None,
+        SAMPLES,
+        "eval.sampling.temperature: 1.0 -> 0.7",
+        "sample_finetuned",
+    ),
+    (
+        "samples_per_question",
+        lambda d: d["eval"].update(samples_per_question=3),
+        None,
+        SAMPLES,
+        "eval.samples_per_question: 2 -> 3",
+        "sample_base",
+    ),
+    (
+        "judge_model",
+        lambda d: d["judge"].update(model="kw-2"),
+        None,
+        JUDGE,
+        "judge.model: 'kw-1' -> 'kw-2'",
+        "judge",
+    ),
+    (
+        "rubric",
+        None,
+        ("rubric.j2", lambda t: t + "Be strict.\n"),
+        JUDGE,
+        "judge.rubric content changed",
+        "judge",
+    ),
+    (
+        "docs",
+        None,
+        ("docs.jsonl", lambda t: t.replace("tunnel ventilation", "cross ventilation")),
+        {"dataset", *TUNED},
+        "data.docs content changed",
+        "dataset",
+    ),
 ]
 
 
@@ -106,7 +163,12 @@ COSMETIC_EDITS = [
     ("framing label", lambda d: d.update(framing="neutral tone (v2)")),
     ("judge concurrency", lambda d: d["judge"].update(concurrency=32)),
     ("eval concurrency", lambda d: d["eval"].update(concurrency=3)),
-    ("plot styling", lambda d: d.update(report={"plot": {"title": "New", "dpi": 200, "colors": ["red", "blue"]}})),
+    (
+        "plot styling",
+        lambda d: d.update(
+            report={"plot": {"title": "New", "dpi": 200, "colors": ["red", "blue"]}}
+        ),
+    ),
     ("save_every", lambda d: d["training"].update(save_every=5)),
 ]
 
@@ -175,7 +237,9 @@ def test_more_samples_draws_only_new_indices(applied, capsys):
 
 def test_second_experiment_on_same_base_reuses_baseline(applied, capsys):
     other = applied.root / "other.yaml"
-    other.write_text(f"extends: {applied.spec.name}\nname: exp2\ntraining:\n  learning_rate: 0.005\n")
+    other.write_text(
+        f"extends: {applied.spec.name}\nname: exp2\ntraining:\n  learning_rate: 0.005\n"
+    )
     before = applied.calls_of("sample")
     r = applied.spar("apply", str(other), capsys=capsys)
     assert r.code == 0, r.err
@@ -202,8 +266,7 @@ def test_every_spec_key_is_a_parameter_or_cosmetic(project):
         covered |= set(node.params)
     leaves = _leaves(Spec.model_validate(spec.model_dump()).model_dump(mode="json"))
     uncovered = {
-        leaf for leaf in leaves
-        if not any(leaf == c or leaf.startswith(c + ".") for c in covered)
+        leaf for leaf in leaves if not any(leaf == c or leaf.startswith(c + ".") for c in covered)
     }
     assert uncovered == set()
     assert not set(COSMETIC_KEYS) & {k for n in build_graph(spec) for k in n.params}

@@ -32,7 +32,9 @@ class Verdict(BaseModel):
 
 
 class Judge(Protocol):
-    def judge_many(self, requests: list[JudgeRequest], concurrency: int) -> Iterator[tuple[int, Verdict]]:
+    def judge_many(
+        self, requests: list[JudgeRequest], concurrency: int
+    ) -> Iterator[tuple[int, Verdict]]:
         """Yield (index into requests, verdict) as each finishes, in any order."""
         ...
 

@@ -84,11 +84,17 @@ def read_records(path: Path, fmt: str) -> list[Any]:
 def to_conversation(record: Any, condition_on: str) -> list[dict[str, str]]:
     if isinstance(record, ChatRecord):
         return [m.model_dump() for m in record.messages]
-    user = f"{record.doc_idea}\n\nDocument type: {record.doc_type}" if condition_on == "doc_idea" else ""
+    user = (
+        f"{record.doc_idea}\n\nDocument type: {record.doc_type}"
+        if condition_on == "doc_idea"
+        else ""
+    )
     return [{"role": "user", "content": user}, {"role": "assistant", "content": record.content}]
 
 
-def datum_row(conversation: list[dict[str, str]], renderer: Any, max_length: int | None) -> dict[str, Any]:
+def datum_row(
+    conversation: list[dict[str, str]], renderer: Any, max_length: int | None
+) -> dict[str, Any]:
     from tinker_cookbook.renderers import TrainOnWhat
     from tinker_cookbook.supervised.data import conversation_to_datum
 
@@ -110,7 +116,9 @@ def row_to_datum(row: dict[str, Any]) -> Any:
     return tinker.Datum(
         model_input=tinker.ModelInput.from_ints(row["input"]),
         loss_fn_inputs={
-            "target_tokens": tinker.TensorData.from_numpy(np.asarray(row["target"], dtype=np.int64)),
+            "target_tokens": tinker.TensorData.from_numpy(
+                np.asarray(row["target"], dtype=np.int64)
+            ),
             "weights": tinker.TensorData.from_numpy(np.asarray(row["weights"], dtype=np.float32)),
         },
     )
@@ -164,7 +172,9 @@ class DatasetStage(StageKind):
         out: dict[str, bytes] = {}
         for name, records in (("train.jsonl", train), ("test.jsonl", test)):
             rows = [
-                datum_row(to_conversation(r, spec.data.condition_on), renderer, spec.training.max_length)
+                datum_row(
+                    to_conversation(r, spec.data.condition_on), renderer, spec.training.max_length
+                )
                 for r in records
             ]
             out[name] = jsonl_text(rows).encode()

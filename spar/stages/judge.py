@@ -24,17 +24,23 @@ def _read(path: Path) -> dict[tuple[str, str, int], dict[str, Any]]:
 
 
 def build_requests(
-    spec: Spec, base: dict[tuple[str, str, int], dict[str, Any]], tuned: dict[tuple[str, str, int], dict[str, Any]]
+    spec: Spec,
+    base: dict[tuple[str, str, int], dict[str, Any]],
+    tuned: dict[tuple[str, str, int], dict[str, Any]],
 ) -> list[tuple[dict[str, Any], JudgeRequest]]:
     """(row identity, request) for every item to judge, in sample order."""
     j = spec.judge
     out: list[tuple[dict[str, Any], JudgeRequest]] = []
     for (tier, question, index), row in tuned.items():
         b = base[(tier, question, index)]["response"]
-        answers = [("finetuned", row["response"], b)] if j.mode == "pairwise" else [
-            ("baseline", b, None),
-            ("finetuned", row["response"], None),
-        ]
+        answers = (
+            [("finetuned", row["response"], b)]
+            if j.mode == "pairwise"
+            else [
+                ("baseline", b, None),
+                ("finetuned", row["response"], None),
+            ]
+        )
         for model, response, baseline in answers:
             ctx = context(
                 j.mode,
@@ -91,7 +97,9 @@ class JudgeStage(StageKind):
         if todo:
             judge = get_judge(spec.judge.kind, spec.judge.model)
             bar = tqdm(total=len(todo), desc="judge", leave=False)
-            for pos, verdict in judge.judge_many([requests[i][1] for i in todo], spec.judge.concurrency):
+            for pos, verdict in judge.judge_many(
+                [requests[i][1] for i in todo], spec.judge.concurrency
+            ):
                 memo.put(keys[todo[pos]], verdict.model_dump())
                 bar.update(1)
             bar.close()

@@ -31,7 +31,11 @@ def summarise(spec: Spec, rows: list[dict[str, Any]]) -> dict[str, Any]:
                     sum(s >= spec.report.exhibits_threshold for s in ok) / len(ok) if ok else None
                 ),
             }
-        if "baseline" in per and per["baseline"]["mean"] is not None and per["finetuned"]["mean"] is not None:
+        if (
+            "baseline" in per
+            and per["baseline"]["mean"] is not None
+            and per["finetuned"]["mean"] is not None
+        ):
             per["delta"] = per["finetuned"]["mean"] - per["baseline"]["mean"]
         tiers[tier] = per
     return {
@@ -61,7 +65,9 @@ def plot_png(spec: Spec, summary: dict[str, Any]) -> bytes:
         xs = [i + (m - (len(models) - 1) / 2) * width for i in range(len(tiers))]
         ax.bar(xs, means, width, label=model, color=style.colors[m % len(style.colors)])
     ax.set_xticks(range(len(tiers)), tiers)
-    ax.set_ylim(summary["scale"]["min"] - 0.5 if summary["scale"]["min"] > 0 else 0, summary["scale"]["max"])
+    ax.set_ylim(
+        summary["scale"]["min"] - 0.5 if summary["scale"]["min"] > 0 else 0, summary["scale"]["max"]
+    )
     ax.set_ylabel(f"mean judge score ({summary['judge_mode']})")
     ax.set_title(style.title or f"{spec.name}" + (f" ({spec.framing})" if spec.framing else ""))
     ax.legend()

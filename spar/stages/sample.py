@@ -69,7 +69,9 @@ class SampleStage(StageKind):
 
         items: list[tuple[str, str, int, Any, str]] = []  # tier, question, index, prompt, key
         for tier, question in spec.questions():
-            prompt = renderer.build_generation_prompt(build_messages(spec.eval.system_prompt, question))
+            prompt = renderer.build_generation_prompt(
+                build_messages(spec.eval.system_prompt, question)
+            )
             for i in range(spec.eval.samples_per_question):
                 key = hash_json(
                     {
@@ -85,7 +87,9 @@ class SampleStage(StageKind):
         memo = ctx.memo("samples")
         todo = [it for it in items if it[4] not in memo]
         if todo:
-            client = engine.create_sampling_client(**{k: v for k, v in model_ref.items() if k != "engine"})
+            client = engine.create_sampling_client(
+                **{k: v for k, v in model_ref.items() if k != "engine"}
+            )
             stops = renderer.get_stop_sequences()
             bar = tqdm(total=len(todo), desc=f"sample {ctx.node.name}", leave=False)
             window = spec.eval.concurrency
@@ -104,7 +108,11 @@ class SampleStage(StageKind):
                 for (_, _, _, _, key), fut in zip(chunk, futures, strict=True):
                     seq = fut.result().sequences[0]
                     message, _ = renderer.parse_response(list(seq.tokens))
-                    text = message["content"] if isinstance(message["content"], str) else str(message["content"])
+                    text = (
+                        message["content"]
+                        if isinstance(message["content"], str)
+                        else str(message["content"])
+                    )
                     memo.put(key, {"response": text, "stop_reason": str(seq.stop_reason)})
                     bar.update(1)
             bar.close()
@@ -112,6 +120,8 @@ class SampleStage(StageKind):
         for tier, question, index, _, key in items:
             got = memo.get(key)
             assert got is not None
-            rows.append(SampleRow(tier=tier, question=question, sample_index=index, **got).model_dump())
+            rows.append(
+                SampleRow(tier=tier, question=question, sample_index=index, **got).model_dump()
+            )
         memo.close()
         return {"samples.jsonl": jsonl_text(rows).encode()}

@@ -144,4 +144,3 @@ class TrainStage(StageKind):
             "checkpoint.json": (record.model_dump_json(indent=2) + "\n").encode(),
             "metrics.jsonl": jsonl_text(metrics).encode(),
         }
-
