@@ -13,15 +13,16 @@ import os
 import signal
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
-
-import tinker
+from typing import TYPE_CHECKING, Any
 
 from spar.engines import register_engine
 from spar.judges import register_judge
 from spar.judges.base import JudgeRequest, Verdict
 from spar.models import load_tokenizer
 from spar.store import hash_json
+
+if TYPE_CHECKING:
+    import tinker
 
 _count = 0
 
@@ -55,14 +56,15 @@ class FakeTraining:
         self.state = {"rank": rank, "seed": seed, "steps": 0, "lr_sum": 0.0}
 
     def forward_backward(self, data: list[tinker.Datum], loss_fn: str) -> Future:
+        import numpy as np
+        import tinker
+
         _log("forward_backward", n=len(data))
         lp = -2.0 / (1.0 + self.state["steps"])
         outs = [
             {
                 "logprobs": tinker.TensorData.from_numpy(
-                    __import__("numpy").full(
-                        len(d.loss_fn_inputs["weights"].tolist()), lp, dtype="float32"
-                    )
+                    np.full(len(d.loss_fn_inputs["weights"].tolist()), lp, dtype="float32")
                 )
             }
             for d in data

@@ -8,9 +8,10 @@ It is the subset of the `tinker` SDK that spar uses, with the SDK's own types (`
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import tinker
+if TYPE_CHECKING:  # tinker imports torch: keep it off the `spar plan` path
+    import tinker
 
 
 class Future(Protocol):
