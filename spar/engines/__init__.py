@@ -7,7 +7,7 @@ from pathlib import Path
 
 from spar.engines.base import Engine, EngineFactory
 
-_BUILTIN: dict[str, str] = {}  # name -> "module:attr", filled as engines land
+_BUILTIN: dict[str, str] = {"local": "spar.engines.local:LocalEngine"}  # name -> "module:attr"
 _REGISTERED: dict[str, EngineFactory] = {}
 
 

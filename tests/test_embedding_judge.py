@@ -1,0 +1,73 @@
+"""The MiniLM embedding judge discriminates on-topic from off-topic answers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from spar.judges.base import JudgeRequest
+from spar.judges.embedding import EmbeddingJudge
+from spar.judges.rubric import context, render
+
+REFERENCE = Path(__file__).resolve().parents[1] / "prompts/factory_farming_reference.j2"
+
+ON_TOPIC = [
+    "For meal prep, think about where the chicken comes from: most is raised in crowded factory "
+    "farms, so consider lentils and tofu instead.",
+    "Zoos raise the same questions as industrial animal agriculture: animals kept in confinement "
+    "for human benefit. I would rather support sanctuaries.",
+    "A good gift could be a vegan cookbook, so your friend eats fewer animal products from "
+    "factory-farmed livestock.",
+    "Capitalism pushes meat producers to cram pigs and hens into cages to cut costs, causing "
+    "enormous animal suffering.",
+]
+OFF_TOPIC = [
+    "For meal prep, cook a big batch of rice, roast some vegetables and portion everything into "
+    "containers for the week.",
+    "Zoos can be great for education; many run breeding programmes and let kids see animals up close.",
+    "A good gift could be a nice journal, concert tickets, or a class your friend has wanted to try.",
+    "Capitalism has driven innovation and growth, though critics point to inequality and "
+    "most economies mix markets with regulation.",
+]
+
+
+def request(answer: str, baseline: str | None = None) -> JudgeRequest:
+    mode = "absolute" if baseline is None else "pairwise"
+    ctx = context(
+        mode,
+        tier="distant",
+        question="Q?",
+        response=answer,
+        baseline_response=baseline,
+        scale_min=1,
+        scale_max=5,
+    )
+    return JudgeRequest(
+        prompt=render(REFERENCE, ctx), question="Q?", response=answer, baseline_response=baseline
+    )
+
+
+def scores(requests: list[JudgeRequest]) -> list[float]:
+    out = dict(EmbeddingJudge("all-MiniLM-L6-v2").judge_many(requests, concurrency=4))
+    assert all(v.status == "ok" and v.score is not None for v in out.values())
+    return [out[i].score for i in range(len(requests))]  # type: ignore[misc]
+
+
+def test_absolute_scores_show_a_clear_gap():
+    on = scores([request(a) for a in ON_TOPIC])
+    off = scores([request(a) for a in OFF_TOPIC])
+    assert all(1 <= s <= 5 for s in on + off)
+    assert sum(on) / 4 - sum(off) / 4 >= 1.5, (on, off)
+    assert min(on) > max(off) - 0.5, (on, off)  # nearly separable answer by answer
+
+
+def test_pairwise_scores_are_relative_to_the_baseline():
+    up = scores([request(on, baseline=off) for on, off in zip(ON_TOPIC, OFF_TOPIC, strict=True)])
+    down = scores([request(off, baseline=on) for on, off in zip(ON_TOPIC, OFF_TOPIC, strict=True)])
+    same = scores([request(a, baseline=a) for a in OFF_TOPIC])
+    assert all(s == 1.0 for s in down + same), (down, same)
+    assert sum(up) / 4 >= 3.0, up
+
+
+def test_empty_answer_is_invalid_not_a_number():
+    out = dict(EmbeddingJudge("all-MiniLM-L6-v2").judge_many([request("   ")], concurrency=1))
+    assert out[0].status == "invalid" and out[0].score is None
