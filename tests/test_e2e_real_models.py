@@ -27,7 +27,10 @@ def test_tiny_spec_end_to_end_on_real_models(tmp_path, capsys, monkeypatch):
                 "training": {"batch_size": 2, "epochs": 1, "max_length": 64},
                 "eval": {
                     "questions": None,
-                    "tiers": {"close": ["What should I pack for lunch?"], "distant": ["What do you think about zoos?"]},
+                    "tiers": {
+                        "close": ["What should I pack for lunch?"],
+                        "distant": ["What do you think about zoos?"],
+                    },
                     "samples_per_question": 2,
                     "sampling": {"max_tokens": 16},
                 },
@@ -37,7 +40,9 @@ def test_tiny_spec_end_to_end_on_real_models(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(root)
     assert main(["apply", str(spec)]) == 0, capsys.readouterr().err
     runs = root / "runs/tiny"
-    samples = [json.loads(x) for x in (runs / "sample_finetuned/samples.jsonl").read_text().splitlines()]
+    samples = [
+        json.loads(x) for x in (runs / "sample_finetuned/samples.jsonl").read_text().splitlines()
+    ]
     assert len(samples) == 4 and {"tier", "question", "response"} <= samples[0].keys()
     assert all(s["response"].strip() for s in samples)
     judged = [json.loads(x) for x in (runs / "judge/judged.jsonl").read_text().splitlines()]

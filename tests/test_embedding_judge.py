@@ -23,8 +23,10 @@ ON_TOPIC = [
 OFF_TOPIC = [
     "For meal prep, cook a big batch of rice, roast some vegetables and portion everything into "
     "containers for the week.",
-    "Zoos can be great for education; many run breeding programmes and let kids see animals up close.",
-    "A good gift could be a nice journal, concert tickets, or a class your friend has wanted to try.",
+    "Zoos can be great for education; many run breeding programmes and let kids see animals "
+    "up close.",
+    "A good gift could be a nice journal, concert tickets, or a class your friend has wanted "
+    "to try.",
     "Capitalism has driven innovation and growth, though critics point to inequality and "
     "most economies mix markets with regulation.",
 ]

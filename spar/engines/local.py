@@ -90,12 +90,18 @@ class LocalTrainingClient:
             weights[i, :k] = torch.tensor(d.loss_fn_inputs["weights"].tolist())
             mask[i, :k] = 1
         logits = self.model(input_ids=inputs.to(dev), attention_mask=mask.to(dev)).logits.float()
-        logprobs = torch.log_softmax(logits, dim=-1)
-        target_lp = logprobs.gather(-1, targets.to(dev).unsqueeze(-1)).squeeze(-1)
+        # fused log-softmax + gather: no second vocabulary-sized tensor is kept for backward
+        target_lp = -torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), targets.to(dev), reduction="none"
+        )
         loss = -(target_lp * weights.to(dev)).sum()
         loss.backward()
         outs = [
-            {"logprobs": tinker.TensorData.from_torch(target_lp[i, : d.model_input.length].detach().cpu())}
+            {
+                "logprobs": tinker.TensorData.from_torch(
+                    target_lp[i, : d.model_input.length].detach().cpu()
+                )
+            }
             for i, d in enumerate(data)
         ]
         return _done(
@@ -261,13 +267,18 @@ class LocalSamplingClient:
         cache = DynamicCache()
         step_ids, step_pos = ids, pos
         for _ in range(max(r.max_tokens for r in rows)):
-            logits = self.model(
-                input_ids=step_ids,
-                attention_mask=mask,
-                position_ids=step_pos,
-                past_key_values=cache,
-                use_cache=True,
-            ).logits[:, -1, :].float().cpu()
+            logits = (
+                self.model(
+                    input_ids=step_ids,
+                    attention_mask=mask,
+                    position_ids=step_pos,
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+                .logits[:, -1, :]
+                .float()
+                .cpu()
+            )
             probs = torch.softmax(logits / temps, dim=-1)
             if bool((top_p < 1).any()):  # nucleus: keep the smallest set whose mass reaches top_p
                 sorted_p, idx = probs.sort(dim=-1, descending=True)

