@@ -19,6 +19,7 @@ from spar.engines import register_engine
 from spar.judges import register_judge
 from spar.judges.base import JudgeRequest, Verdict
 from spar.models import load_tokenizer
+from spar.spec import JudgeSpec
 from spar.store import hash_json
 
 if TYPE_CHECKING:
@@ -146,8 +147,8 @@ class FakeEngine:
 
 
 class KeywordJudge:
-    def __init__(self, model: str) -> None:
-        self.model = model
+    def __init__(self, spec: JudgeSpec) -> None:
+        self.model = spec.model
 
     def judge_many(self, requests: list[JudgeRequest], concurrency: int):
         for i, req in enumerate(requests):

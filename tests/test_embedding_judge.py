@@ -7,7 +7,9 @@ from pathlib import Path
 from spar.judges.base import JudgeRequest
 from spar.judges.embedding import EmbeddingJudge
 from spar.judges.rubric import context, render
+from spar.spec import JudgeSpec
 
+JUDGE = JudgeSpec(kind="embedding", model="all-MiniLM-L6-v2", rubric=Path("unused.j2"))
 REFERENCE = Path(__file__).resolve().parents[1] / "prompts/factory_farming_reference.j2"
 
 ON_TOPIC = [
@@ -49,7 +51,7 @@ def request(answer: str, baseline: str | None = None) -> JudgeRequest:
 
 
 def scores(requests: list[JudgeRequest]) -> list[float]:
-    out = dict(EmbeddingJudge("all-MiniLM-L6-v2").judge_many(requests, concurrency=4))
+    out = dict(EmbeddingJudge(JUDGE).judge_many(requests, concurrency=4))
     assert all(v.status == "ok" and v.score is not None for v in out.values())
     return [out[i].score for i in range(len(requests))]  # type: ignore[misc]
 
@@ -71,5 +73,5 @@ def test_pairwise_scores_are_relative_to_the_baseline():
 
 
 def test_empty_answer_is_invalid_not_a_number():
-    out = dict(EmbeddingJudge("all-MiniLM-L6-v2").judge_many([request("   ")], concurrency=1))
+    out = dict(EmbeddingJudge(JUDGE).judge_many([request("   ")], concurrency=1))
     assert out[0].status == "invalid" and out[0].score is None

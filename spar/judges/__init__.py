@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 
 from spar.judges.base import Judge, JudgeFactory
+from spar.spec import JudgeSpec
 
 _BUILTIN: dict[str, str] = {"embedding": "spar.judges.embedding:EmbeddingJudge"}
 _REGISTERED: dict[str, JudgeFactory] = {}
@@ -18,8 +19,8 @@ def judge_kinds() -> list[str]:
     return sorted(_BUILTIN.keys() | _REGISTERED.keys())
 
 
-def get_judge(kind: str, model: str) -> Judge:
-    if kind not in _REGISTERED:
-        module, attr = _BUILTIN[kind].split(":")
-        _REGISTERED[kind] = getattr(importlib.import_module(module), attr)
-    return _REGISTERED[kind](model)
+def get_judge(spec: JudgeSpec) -> Judge:
+    if spec.kind not in _REGISTERED:
+        module, attr = _BUILTIN[spec.kind].split(":")
+        _REGISTERED[spec.kind] = getattr(importlib.import_module(module), attr)
+    return _REGISTERED[spec.kind](spec)

@@ -7,6 +7,8 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
+from spar.spec import JudgeSpec
+
 
 class JudgeRequest(BaseModel):
     model_config = ConfigDict(frozen=True)
@@ -40,4 +42,6 @@ class Judge(Protocol):
 
 
 class JudgeFactory(Protocol):
-    def __call__(self, model: str) -> Judge: ...
+    def __call__(self, spec: JudgeSpec) -> Judge:
+        """Build a judge from the spec's `judge:` section (kind, model, concurrency, ...)."""
+        ...

@@ -22,6 +22,7 @@ from typing import Any
 
 from spar.errors import RunError
 from spar.judges.base import JudgeRequest, Verdict
+from spar.spec import JudgeSpec
 
 ABS_LOW, ABS_HIGH = 0.10, 0.55
 PAIR_HIGH = 0.35
@@ -77,9 +78,9 @@ def _scale(x: float, low: float, high: float, req: JudgeRequest) -> float:
 
 
 class EmbeddingJudge:
-    def __init__(self, model: str) -> None:
-        model_dir(model)  # fail early on an unknown model or a missing package
-        self.model = model
+    def __init__(self, spec: JudgeSpec) -> None:
+        model_dir(spec.model)  # fail early on an unknown model or a missing package
+        self.model = spec.model
 
     def judge_many(
         self, requests: list[JudgeRequest], concurrency: int
