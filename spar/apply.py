@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from spar.plan import PlannedStage
+from spar.plan import PlannedStage, upstream_key
 from spar.stages.base import RunContext
 from spar.store import RunStore, now_iso, read_params_file
 
@@ -14,7 +14,8 @@ log = logging.getLogger(__name__)
 def _upstream_record(store: RunStore, planned: PlannedStage, name: str) -> dict[str, str]:
     """The upstream stage's fingerprint and the content hash of each of its outputs."""
     rec: dict[str, str] = {"fingerprint": planned.upstream_fps[name]}
-    for params_file in sorted(store.stage_dir(planned.node.experiment, name).glob("*.params.yaml")):
+    up_dir = store.stage_dir(*upstream_key(planned.node.experiment, name))
+    for params_file in sorted(up_dir.glob("*.params.yaml")):
         params = read_params_file(params_file)
         if params is not None:
             rec[params.output] = params.output_hash
@@ -27,7 +28,9 @@ def run_stage(store: RunStore, planned: PlannedStage) -> None:
         node=node,
         store=store,
         fingerprint=planned.fingerprint,
-        upstream_dirs={u: store.stage_dir(node.experiment, u) for u in node.upstream},
+        upstream_dirs={
+            u: store.stage_dir(*upstream_key(node.experiment, u)) for u in node.upstream
+        },
     )
     started = now_iso()
     outputs = node.kind.run(ctx)

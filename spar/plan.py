@@ -15,6 +15,7 @@ from spar.spec import Spec
 from spar.stages.base import StageNode, pick
 from spar.stages.dataset import DatasetStage
 from spar.stages.judge import JudgeStage
+from spar.stages.plot import PlotStage
 from spar.stages.report import ReportStage
 from spar.stages.sample import SampleStage
 from spar.stages.train import TrainStage
@@ -33,21 +34,24 @@ COSMETIC_KEYS: tuple[str, ...] = (
     "eval.concurrency",
     "judge.rubric",
     "judge.concurrency",
+    "judge.batch",
     "training.save_every",
-    "report.plot",
+    "report.compare",  # the compared experiments enter as upstream fingerprints instead
 )
 
-DATASET, TRAIN, SAMPLE, JUDGE, REPORT = (
+DATASET, TRAIN, SAMPLE, JUDGE, REPORT, PLOT = (
     DatasetStage(),
     TrainStage(),
     SampleStage(),
     JudgeStage(),
     ReportStage(),
+    PlotStage(),
 )
 
 
-def build_graph(spec: Spec) -> list[StageNode]:
-    """The pipeline of one spec, in dependency order."""
+def build_graph(spec: Spec, compare: tuple[str, ...] = ()) -> list[StageNode]:
+    """The pipeline of one spec, in dependency order. `compare`: names of the experiments whose
+    report the plot stage overlays (their graphs must come earlier in the plan)."""
 
     def node(name: str, kind: Any, upstream: tuple[str, ...] = (), **inputs: Path) -> StageNode:
         return StageNode(
@@ -67,7 +71,24 @@ def build_graph(spec: Spec) -> list[StageNode]:
         node("sample_finetuned", SAMPLE, ("train",)),
         node("judge", JUDGE, ("sample_base", "sample_finetuned"), judge__rubric=spec.judge.rubric),
         node("report", REPORT, ("judge",)),
+        node(
+            "plot",
+            PLOT,
+            (
+                "report",
+                "judge",
+                "sample_base",
+                "sample_finetuned",
+                *(f"{c}/report" for c in compare),
+            ),
+        ),
     ]
+
+
+def upstream_key(experiment: str, upstream: str) -> tuple[str, str]:
+    """`stage` is a stage of the same experiment; `other/stage` one of another experiment."""
+    exp, _, stage = upstream.rpartition("/")
+    return (exp or experiment, stage)
 
 
 @dataclass
@@ -156,7 +177,7 @@ def plan_nodes(nodes: list[StageNode], store: RunStore) -> list[PlannedStage]:
                 input_hashes[key] = store.hashes.hash_file(path)
             else:
                 input_hashes[key] = store.hashes.hash_file(path, check[1], check[0])
-        upstream_fps = {u: fps[(node.experiment, u)] for u in node.upstream}
+        upstream_fps = {u: fps[upstream_key(node.experiment, u)] for u in node.upstream}
         fp = fingerprint(node, input_hashes, upstream_fps)
         fps[(node.experiment, node.name)] = fp
         out_dir = store.stage_dir(node.experiment, node.name)
@@ -194,13 +215,40 @@ def _status(
     return "fresh", []
 
 
-def plan_specs(specs: list[Spec], store: RunStore) -> list[PlannedStage]:
-    names: dict[str, Spec] = {}
+def with_compared(specs: list[Spec]) -> tuple[list[Spec], dict[str, tuple[str, ...]]]:
+    """The specs given plus every spec their `report.compare` lists (each loaded once), and for
+    each experiment the names of the experiments it compares itself with."""
+    from spar.spec import load_spec
+
+    out: dict[str, Spec] = {}
     for spec in specs:
-        if spec.name in names:
+        if spec.name in out:
             raise InputError(f"{spec.name}: name: two specs given share this name")
-        names[spec.name] = spec
-    nodes = [n for spec in specs for n in build_graph(spec)]
+        out[spec.name] = spec
+    names: dict[Path, str] = {}
+    queue = list(specs)
+    while queue:
+        spec = queue.pop(0)
+        for path in spec.report.compare:
+            if path not in names:
+                other = load_spec(path)
+                names[path] = other.name
+                if other.name not in out:
+                    out[other.name] = other
+                    queue.append(other)
+    compared = {
+        s.name: tuple(n for n in dict.fromkeys(names[p] for p in s.report.compare) if n != s.name)
+        for s in out.values()
+    }
+    return list(out.values()), compared
+
+
+def plan_specs(specs: list[Spec], store: RunStore) -> list[PlannedStage]:
+    every, compared = with_compared(specs)
+    graphs = [build_graph(s, compared[s.name]) for s in every]
+    # every report before any plot: a plot stage may read another experiment's report
+    nodes = [n for g in graphs for n in g if n.name != "plot"]
+    nodes += [n for g in graphs for n in g if n.name == "plot"]
     return plan_nodes(nodes, store)
 
 

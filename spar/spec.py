@@ -66,7 +66,7 @@ class EvalSpec(Strict):
     samples_per_question: int = Field(1, ge=1)
     sampling: SamplingSpec = SamplingSpec()
     system_prompt: str | None = None
-    concurrency: int = Field(8, ge=1, description="requests in flight (not in any fingerprint)")
+    concurrency: int = Field(32, ge=1, description="requests in flight (not in any fingerprint)")
 
     @field_validator("tiers")
     @classmethod
@@ -109,6 +109,13 @@ class JudgeSpec(Strict):
     max_tokens: int = Field(1024, ge=1)
     temperature: float = Field(0.0, ge=0)
     concurrency: int = Field(8, ge=1, description="requests in flight (not in any fingerprint)")
+    max_reasks: int = Field(
+        2, ge=0, description="re-asks of an unparseable or out-of-range answer before `invalid`"
+    )
+    batch: bool = Field(
+        False,
+        description="anthropic: use the Message Batches API (half price, same verdicts; cosmetic)",
+    )
 
 
 class PlotSpec(Strict):
@@ -121,8 +128,18 @@ class PlotSpec(Strict):
     height: float = Field(4.5, gt=0)
 
 
+class BootstrapSpec(Strict):
+    resamples: int = Field(2000, ge=100)
+    seed: int = 0
+    confidence: float = Field(0.95, gt=0, lt=1)
+
+
 class ReportSpec(Strict):
     exhibits_threshold: int = Field(3, description="a score >= this counts as exhibiting")
+    bootstrap: BootstrapSpec = BootstrapSpec()
+    compare: list[Path] = Field(
+        [], description="other specs whose effects are overlaid in this experiment's compare.png"
+    )
     plot: PlotSpec = PlotSpec()
 
 
@@ -172,6 +189,12 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def _resolve_paths(raw: dict[str, Any], base: Path, path: Path) -> None:
+    report = raw.get("report")
+    if isinstance(report, dict) and isinstance(report.get("compare"), list):
+        report["compare"] = [
+            str((base / Path(p).expanduser()).resolve()) if isinstance(p, str) else p
+            for p in report["compare"]
+        ]
     for keys in PATH_KEYS:
         node: Any = raw
         for k in keys[:-1]:

@@ -52,7 +52,9 @@ def test_tiny_spec_end_to_end_on_real_models(tmp_path, capsys, monkeypatch):
     summary = json.loads((runs / "report/summary.json").read_text())
     assert set(summary["tiers"]) == {"close", "distant"}
     assert {"baseline", "finetuned", "delta"} <= set(summary["tiers"]["close"])
-    assert (runs / "report/plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert summary["tiers"]["close"]["delta"]["n"] == 2
+    assert (runs / "plot/plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "What do you think about zoos?" in (runs / "plot/report.html").read_text()
     for out in runs.rglob("*"):
         if out.is_file() and not out.name.endswith(".params.yaml"):
             assert (out.parent / (out.name.split(".")[0] + ".params.yaml")).exists(), out

@@ -11,10 +11,10 @@ import pytest
 from spar.plan import COSMETIC_KEYS, build_graph
 from spar.spec import Spec, load_spec
 
-ALL = {"dataset", "train", "sample_base", "sample_finetuned", "judge", "report"}
-TUNED = {"train", "sample_finetuned", "judge", "report"}
-SAMPLES = {"sample_base", "sample_finetuned", "judge", "report"}
-JUDGE = {"judge", "report"}
+ALL = {"dataset", "train", "sample_base", "sample_finetuned", "judge", "report", "plot"}
+TUNED = {"train", "sample_finetuned", "judge", "report", "plot"}
+SAMPLES = {"sample_base", "sample_finetuned", "judge", "report", "plot"}
+JUDGE = {"judge", "report", "plot"}
 
 
 def plan(project, capsys) -> dict[str, dict]:
@@ -163,12 +163,6 @@ COSMETIC_EDITS = [
     ("framing label", lambda d: d.update(framing="neutral tone (v2)")),
     ("judge concurrency", lambda d: d["judge"].update(concurrency=32)),
     ("eval concurrency", lambda d: d["eval"].update(concurrency=3)),
-    (
-        "plot styling",
-        lambda d: d.update(
-            report={"plot": {"title": "New", "dpi": 200, "colors": ["red", "blue"]}}
-        ),
-    ),
     ("save_every", lambda d: d["training"].update(save_every=5)),
 ]
 
@@ -177,6 +171,25 @@ COSMETIC_EDITS = [
 def test_cosmetic_edit_makes_nothing_stale(applied, capsys, edit):
     applied.edit(edit[1])
     assert not_fresh(plan(applied, capsys)) == set()
+
+
+def test_plot_styling_rerenders_only_the_plot(applied, capsys):
+    style = {"plot": {"title": "New", "dpi": 100, "colors": ["red", "blue"]}}
+    applied.edit(lambda d: d.update(report=style))
+    rows = plan(applied, capsys)
+    assert not_fresh(rows) == {"plot"}
+    assert any(r.startswith("report.plot.dpi: 120 -> 100") for r in rows["plot"]["reasons"])
+    before = (applied.calls_of("sample"), applied.calls_of("judge"))
+    r = applied.spar("apply", str(applied.spec), capsys=capsys)
+    assert r.out.strip() == "ran exp / plot"
+    assert (applied.calls_of("sample"), applied.calls_of("judge")) == before
+
+
+def test_bootstrap_settings_restat_without_rejudging(applied, capsys):
+    applied.edit(lambda d: d.update(report={"bootstrap": {"resamples": 500, "seed": 3}}))
+    rows = plan(applied, capsys)
+    assert not_fresh(rows) == {"report", "plot"}
+    assert "report.bootstrap.resamples: 2000 -> 500" in rows["report"]["reasons"]
 
 
 def test_touch_docs_makes_nothing_stale(applied, capsys):
@@ -193,12 +206,12 @@ def test_moving_docs_with_same_content_makes_nothing_stale(applied, capsys):
 
 
 def test_deleted_output_is_missing_and_only_it_reruns(applied, capsys):
-    (applied.runs / "exp" / "report" / "plot.png").unlink()
+    (applied.runs / "exp" / "plot" / "plot.png").unlink()
     rows = plan(applied, capsys)
-    assert not_fresh(rows) == {"report"}
-    assert rows["report"]["status"] == "missing"
+    assert not_fresh(rows) == {"plot"}
+    assert rows["plot"]["status"] == "missing"
     r = applied.spar("apply", str(applied.spec), capsys=capsys)
-    assert r.out.strip() == "ran exp / report"
+    assert r.out.strip() == "ran exp / plot"
 
 
 def test_hand_edited_output_is_stale(applied, capsys):

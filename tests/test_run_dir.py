@@ -47,6 +47,8 @@ def test_every_output_has_its_params_file(project, capsys):
         "judged.jsonl",
         "summary.json",
         "plot.png",
+        "compare.png",
+        "report.html",
     }
     import hashlib
 
@@ -119,7 +121,7 @@ def test_sigkill_mid_judging_rejudges_only_unfinished(project):
     p = project.spar_proc("apply", str(project.spec))
     out, err = p.communicate(timeout=300)
     assert p.returncode == 0, err
-    assert out.splitlines() == ["ran exp / judge", "ran exp / report"]
+    assert out.splitlines() == ["ran exp / judge", "ran exp / report", "ran exp / plot"]
     assert (project.calls_of("sample"), project.calls_of("judge")) == (16, 3 + 6)
 
 

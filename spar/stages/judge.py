@@ -77,6 +77,7 @@ class JudgeStage(StageKind):
         "judge.scale",
         "judge.max_tokens",
         "judge.temperature",
+        "judge.max_reasks",
     )
 
     def run(self, ctx: RunContext) -> dict[str, bytes]:

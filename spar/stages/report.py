@@ -1,98 +1,98 @@
-"""report: per-tier mean scores (baseline / fine-tuned), invalid counts, a bar chart.
+"""report: per-tier statistics of the judged scores -> summary.json.
 
-Invalid verdicts are counted, never folded into a mean. Plot styling is cosmetic: not in the
-fingerprint. (Bootstrap CIs and the full report are a later issue.)
+Per model (baseline, fine-tuned) and tier: the mean with a hierarchical-bootstrap CI (questions,
+then samples within each question), the exhibits rate (share of scores >= the spec's threshold)
+and the count of invalid verdicts, which never enter a mean. In absolute mode also the paired
+fine-tuned − baseline delta (paired by question and sample index) with its CI.
 """
 
 from __future__ import annotations
 
-import io
 import json
+from collections import defaultdict
+from pathlib import Path
 from typing import Any, ClassVar
 
 from spar.spec import Spec
 from spar.stages.base import RunContext, StageKind
+from spar.stats import estimate, rate
+
+MODELS = ("baseline", "finetuned")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _groups(rows: list[dict[str, Any]]) -> list[list[list[float]]]:
+    """One seed level (sweeps add more), then question -> ok scores in sample order."""
+    by_q: dict[str, list[float]] = defaultdict(list)
+    for r in sorted(rows, key=lambda r: r["sample_index"]):
+        if r["status"] == "ok":
+            by_q[r["question"]].append(float(r["score"]))
+    return [list(by_q.values())]
 
 
 def summarise(spec: Spec, rows: list[dict[str, Any]]) -> dict[str, Any]:
     assert spec.eval.tiers is not None
-    models = sorted({r["model"] for r in rows}, key=["baseline", "finetuned"].index)
+    boot = spec.report.bootstrap
+    kw: dict[str, Any] = {
+        "resamples": boot.resamples,
+        "seed": boot.seed,
+        "confidence": boot.confidence,
+    }
+    models = [m for m in MODELS if any(r["model"] == m for r in rows)]
     tiers: dict[str, Any] = {}
     for tier in spec.eval.tiers:
+        in_tier = [r for r in rows if r["tier"] == tier]
         per: dict[str, Any] = {}
         for model in models:
-            sel = [r for r in rows if r["tier"] == tier and r["model"] == model]
-            ok = [float(r["score"]) for r in sel if r["status"] == "ok"]
+            sel = [r for r in in_tier if r["model"] == model]
+            groups = _groups(sel)
             per[model] = {
-                "mean": sum(ok) / len(ok) if ok else None,
-                "n": len(ok),
-                "invalid": len(sel) - len(ok),
-                "exhibits_rate": (
-                    sum(s >= spec.report.exhibits_threshold for s in ok) / len(ok) if ok else None
-                ),
+                **estimate(groups, **kw).as_json(),
+                "invalid": sum(r["status"] != "ok" for r in sel),
+                "exhibits_rate": rate(groups, spec.report.exhibits_threshold, **kw).as_json(),
             }
-        if (
-            "baseline" in per
-            and per["baseline"]["mean"] is not None
-            and per["finetuned"]["mean"] is not None
-        ):
-            per["delta"] = per["finetuned"]["mean"] - per["baseline"]["mean"]
+        if models == list(MODELS):
+            per["delta"] = paired_delta(in_tier, kw)
         tiers[tier] = per
     return {
         "experiment": spec.name,
         "framing": spec.framing,
         "judge_mode": spec.judge.mode,
         "scale": {"min": spec.judge.scale.min, "max": spec.judge.scale.max},
+        "exhibits_threshold": spec.report.exhibits_threshold,
+        "bootstrap": boot.model_dump(),
         "models": models,
         "tiers": tiers,
         "invalid": sum(r["status"] != "ok" for r in rows),
     }
 
 
-def plot_png(spec: Spec, summary: dict[str, Any]) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    style = spec.report.plot
-    tiers = list(summary["tiers"])
-    models = summary["models"]
-    fig, ax = plt.subplots(figsize=(style.width, style.height))
-    width = 0.8 / len(models)
-    for m, model in enumerate(models):
-        means = [summary["tiers"][t][model]["mean"] or 0.0 for t in tiers]
-        xs = [i + (m - (len(models) - 1) / 2) * width for i in range(len(tiers))]
-        ax.bar(xs, means, width, label=model, color=style.colors[m % len(style.colors)])
-    ax.set_xticks(range(len(tiers)), tiers)
-    ax.set_ylim(
-        summary["scale"]["min"] - 0.5 if summary["scale"]["min"] > 0 else 0, summary["scale"]["max"]
-    )
-    ax.set_ylabel(f"mean judge score ({summary['judge_mode']})")
-    ax.set_title(style.title or f"{spec.name}" + (f" ({spec.framing})" if spec.framing else ""))
-    ax.legend()
-    if summary["invalid"]:
-        fig.text(0.01, 0.01, f"{summary['invalid']} invalid verdicts excluded", fontsize=8)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=style.dpi, bbox_inches="tight", metadata={"Software": None})
-    plt.close(fig)
-    return buf.getvalue()
+def paired_delta(rows: list[dict[str, Any]], kw: dict[str, Any]) -> dict[str, Any]:
+    """fine-tuned − baseline per (question, sample index); a pair with an invalid side drops."""
+    scores = {(r["model"], r["question"], r["sample_index"]): r for r in rows}
+    by_q: dict[str, list[float]] = defaultdict(list)
+    dropped = 0
+    for (model, question, index), tuned in sorted(scores.items(), key=lambda kv: kv[0][2]):
+        if model != "finetuned":
+            continue
+        base = scores.get(("baseline", question, index))
+        if base is None or tuned["status"] != "ok" or base["status"] != "ok":
+            dropped += 1
+            continue
+        by_q[question].append(float(tuned["score"]) - float(base["score"]))
+    return {**estimate([list(by_q.values())], **kw).as_json(), "pairs_dropped": dropped}
 
 
 class ReportStage(StageKind):
     kind = "report"
-    version = 1
-    outputs: ClassVar[tuple[str, ...]] = ("summary.json", "plot.png")
-    param_keys: ClassVar[tuple[str, ...]] = ("report.exhibits_threshold",)
+    version = 2
+    outputs: ClassVar[tuple[str, ...]] = ("summary.json",)
+    param_keys: ClassVar[tuple[str, ...]] = ("report.exhibits_threshold", "report.bootstrap")
 
     def run(self, ctx: RunContext) -> dict[str, bytes]:
-        rows = [
-            json.loads(line)
-            for line in ctx.upstream_file("judge", "judged.jsonl").read_text().splitlines()
-            if line.strip()
-        ]
+        rows = read_jsonl(ctx.upstream_file("judge", "judged.jsonl"))
         summary = summarise(ctx.spec, rows)
-        return {
-            "summary.json": (json.dumps(summary, indent=2) + "\n").encode(),
-            "plot.png": plot_png(ctx.spec, summary),
-        }
+        return {"summary.json": (json.dumps(summary, indent=2) + "\n").encode()}
