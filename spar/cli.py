@@ -1,4 +1,4 @@
-"""`spar plan | apply | schema` — the only place that prints or sets up logging.
+"""`spar plan | apply | show | plot | schema` — the only place that prints or sets up logging.
 
 Exit codes: 0 success; 2 invalid input detected before any work; 1 a failure while running.
 """
@@ -92,6 +92,42 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_show(args: argparse.Namespace) -> int:
+    from spar.show import format_table, show_rows
+    from spar.spec import load_spec
+
+    rows = show_rows([load_spec(p) for p in args.specs], RunStore(_runs_dir(args)))
+    print(json.dumps(rows, indent=2) if args.json else format_table(rows))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from spar.plots import judged_figure, png
+    from spar.spec import PlotSpec
+    from spar.stages.report import read_jsonl
+    from spar.store import atomic_write_bytes
+
+    labels = args.labels or [p.parent.name or p.stem for p in args.results]
+    if len(labels) != len(args.results):
+        raise InputError(f"--labels: {len(labels)} labels for {len(args.results)} result files")
+    runs = []
+    for path, label in zip(args.results, labels, strict=True):
+        if not path.is_file():
+            raise InputError(f"{path}: file not found")
+        try:
+            rows = read_jsonl(path)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}: line {e.lineno}: invalid JSON") from None
+        missing = [k for k in ("tier", "question", "score") if rows and k not in rows[0]]
+        if not rows or missing:
+            raise InputError(f"{path}: expected judged rows with tier, question, score")
+        runs.append((label, rows))
+    style = PlotSpec(title=args.title)
+    atomic_write_bytes(args.output, png(judged_figure(runs, style), style.dpi))
+    print(f"wrote {args.output}")
+    return 0
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from spar.spec import json_schema
 
@@ -122,6 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to wait for another apply on the same runs dir (default: wait)",
     )
     p.set_defaults(func=cmd_apply)
+    p = sub.add_parser("show", help="compare experiments: differing params + effects with CIs")
+    with_specs(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_show)
+    p = sub.add_parser("plot", help="overlay judged.jsonl files in one chart by tier")
+    p.add_argument("results", nargs="+", type=Path, metavar="JUDGED_JSONL")
+    p.add_argument("--labels", nargs="+", help="one label per file (default: its directory)")
+    p.add_argument("--output", type=Path, default=Path("comparison.png"))
+    p.add_argument("--title")
+    p.set_defaults(func=cmd_plot)
     p = sub.add_parser("schema", help="print the spec's JSON Schema")
     p.set_defaults(func=cmd_schema)
     return parser

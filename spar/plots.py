@@ -58,7 +58,9 @@ def experiment_figure(summary: dict[str, Any], style: PlotSpec, title: str) -> F
     tiers = tier_order(list(summary["tiers"]))
     fig, ax = plt.subplots(figsize=(style.width, style.height))
     series = [(m, [summary["tiers"][t][m] for t in tiers]) for m in summary["models"]]
-    _bars(ax, tiers, series, style.colors)
+    # baseline always takes the first colour and the fine-tuned model the second
+    colors = [style.colors[int(m == "finetuned") % len(style.colors)] for m in summary["models"]]
+    _bars(ax, tiers, series, colors)
     lo, hi = summary["scale"]["min"], summary["scale"]["max"]
     ax.set_ylim(lo - 0.5 if lo > 0 else 0, hi + 0.1)
     mode = summary["judge_mode"]

@@ -80,7 +80,7 @@ class Project:
         capsys.readouterr()
         code = main(
             [*args[:1], *args[1:], "--runs-dir", str(self.runs)]
-            if args[0] in ("plan", "apply")
+            if args[0] in ("plan", "apply", "show")
             else list(args)
         )
         cap = capsys.readouterr()

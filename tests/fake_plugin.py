@@ -151,8 +151,13 @@ class KeywordJudge:
         self.model = spec.model
 
     def judge_many(self, requests: list[JudgeRequest], concurrency: int):
+        # judge.model "kw-invalid-K": roughly one verdict in K (by prompt hash) is invalid
+        every = int(self.model.rsplit("-", 1)[1]) if self.model.startswith("kw-invalid-") else 0
         for i, req in enumerate(requests):
             _log("judge", model=self.model)
+            if every and int(hash_json(req.prompt)[:6], 16) % every == 0:
+                yield i, Verdict(score=None, reasoning="unparseable", status="invalid")
+                continue
             hits = sum(w in req.response for w in ("farm", "animal", "livestock"))
             yield (
                 i,
