@@ -58,6 +58,8 @@ def load_and_plan(paths: list[Path], store: RunStore) -> list:  # list[PlannedSt
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from spar.plan import totals
+
     store = RunStore(_runs_dir(args))
     planned = load_and_plan(args.specs, store)
     if store.root.exists():
@@ -68,14 +70,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for p in planned:
         why = f"  ({'; '.join(p.reasons)})" if p.reasons else ""
         print(f"{p.node.experiment:<24} {p.node.name:<18} {p.status}{why}")
+    for experiment, est in totals(planned).items():
+        parts = ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in est.items())
+        print(f"estimate for {experiment}: {parts}")
     return 0
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
     from spar.apply import apply_plan
+    from spar.plan import check_budget
 
     store = RunStore(_runs_dir(args))
     planned = load_and_plan(args.specs, store)  # everything validates before any work
+    check_budget(planned, args.max_judge_calls)
     if all(p.status == "fresh" for p in planned):
         if store.root.exists():
             store.hashes.save()
@@ -83,6 +90,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         return 0
     with store.lock(wait=args.lock_timeout):
         planned = load_and_plan(args.specs, store)  # another apply may have finished meanwhile
+        check_budget(planned, args.max_judge_calls)
         ran = apply_plan(store, planned)
         store.hashes.save()
     for p in ran:
@@ -156,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="seconds to wait for another apply on the same runs dir (default: wait)",
+    )
+    p.add_argument(
+        "--max-judge-calls",
+        type=int,
+        default=None,
+        help="refuse to start if any judge stage would make more calls (see `spar plan`)",
     )
     p.set_defaults(func=cmd_apply)
     p = sub.add_parser("show", help="compare experiments: differing params + effects with CIs")

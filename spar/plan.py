@@ -37,6 +37,7 @@ COSMETIC_KEYS: tuple[str, ...] = (
     "judge.batch",
     "training.save_every",
     "report.compare",  # the compared experiments enter as upstream fingerprints instead
+    "judge.max_calls",  # a budget check before apply, not a parameter of any result
 )
 
 DATASET, TRAIN, SAMPLE, JUDGE, REPORT, PLOT = (
@@ -100,6 +101,7 @@ class PlannedStage:
     input_hashes: dict[str, str]
     upstream_fps: dict[str, str]
     output_dir: Path
+    estimate: dict[str, int] | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -107,6 +109,7 @@ class PlannedStage:
             "stage": self.node.name,
             "status": self.status,
             "reasons": self.reasons,
+            "estimate": self.estimate,
         }
 
 
@@ -169,6 +172,7 @@ def plan_nodes(nodes: list[StageNode], store: RunStore) -> list[PlannedStage]:
     """Status of every node. Nodes must be in dependency order within each experiment."""
     planned: list[PlannedStage] = []
     fps: dict[tuple[str, str], str] = {}
+    status_of: dict[tuple[str, str], Status] = {}
     for node in nodes:
         input_hashes: dict[str, str] = {}
         for key, path in node.inputs.items():
@@ -182,7 +186,16 @@ def plan_nodes(nodes: list[StageNode], store: RunStore) -> list[PlannedStage]:
         fps[(node.experiment, node.name)] = fp
         out_dir = store.stage_dir(node.experiment, node.name)
         status, reasons = _status(node, fp, out_dir, store, input_hashes, upstream_fps)
-        planned.append(PlannedStage(node, fp, status, reasons, input_hashes, upstream_fps, out_dir))
+        status_of[(node.experiment, node.name)] = status
+        estimate = None
+        if status != "fresh":
+            up_fresh = all(
+                status_of[upstream_key(node.experiment, u)] == "fresh" for u in node.upstream
+            )
+            estimate = node.kind.estimate(node, store, up_fresh) or None
+        planned.append(
+            PlannedStage(node, fp, status, reasons, input_hashes, upstream_fps, out_dir, estimate)
+        )
     return planned
 
 
@@ -250,6 +263,31 @@ def plan_specs(specs: list[Spec], store: RunStore) -> list[PlannedStage]:
     nodes = [n for g in graphs for n in g if n.name != "plot"]
     nodes += [n for g in graphs for n in g if n.name == "plot"]
     return plan_nodes(nodes, store)
+
+
+def totals(plan: list[PlannedStage]) -> dict[str, dict[str, int]]:
+    """Per experiment, the summed estimates of the stages that will run."""
+    out: dict[str, dict[str, int]] = {}
+    for p in plan:
+        for key, value in (p.estimate or {}).items():
+            exp = out.setdefault(p.node.experiment, {})
+            exp[key] = exp.get(key, 0) + value
+    return out
+
+
+def check_budget(plan: list[PlannedStage], max_judge_calls: int | None) -> None:
+    """Refuse (before any work) when more judge calls are due than a budget allows."""
+    for p in plan:
+        calls = (p.estimate or {}).get("judge_calls", 0)
+        spec_limit = p.node.spec.judge.max_calls if p.node.spec is not None else None
+        for label, limit in (
+            (f"--max-judge-calls {max_judge_calls}", max_judge_calls),
+            (f"{p.node.experiment}: judge.max_calls {spec_limit}", spec_limit),
+        ):
+            if limit is not None and calls > limit:
+                raise InputError(
+                    f"{label}: {p.node.experiment}/{p.node.name} would make {calls} judge calls"
+                )
 
 
 __all__ = ["COSMETIC_KEYS", "PlannedStage", "build_graph", "plan_nodes", "plan_specs"]

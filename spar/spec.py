@@ -116,6 +116,9 @@ class JudgeSpec(Strict):
         False,
         description="anthropic: use the Message Batches API (half price, same verdicts; cosmetic)",
     )
+    max_calls: int | None = Field(
+        None, ge=0, description="budget: `apply` refuses to start if more judge calls are due"
+    )
 
 
 class PlotSpec(Strict):

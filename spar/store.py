@@ -279,6 +279,17 @@ class RunStore:
     def memo(self, name: str) -> ItemMemo:
         return ItemMemo(self.internal / "memo" / f"{name}.jsonl")
 
+    def memo_keys(self, name: str) -> set[str]:
+        """The keys journaled so far, read without opening the journal for writing."""
+        path = self.internal / "memo" / f"{name}.jsonl"
+        if not path.exists():
+            return set()
+        keys = set()
+        for line in path.read_bytes().splitlines():
+            with contextlib.suppress(json.JSONDecodeError, KeyError):
+                keys.add(json.loads(line)["key"])
+        return keys
+
     def scratch(self, *parts: str) -> Path:
         """A directory for internal artefacts (checkpoints, converted models) under `.spar/`."""
         d = self.internal.joinpath(*parts)

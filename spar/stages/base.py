@@ -67,6 +67,10 @@ class StageKind:
         """Validator for an input file, run line by line while it is hashed (id, check)."""
         return None
 
+    def estimate(self, node: StageNode, store: RunStore, upstream_fresh: bool) -> dict[str, int]:
+        """What running this stage would cost (calls, tokens); {} when nothing is billed."""
+        return {}
+
     def run(self, ctx: RunContext) -> dict[str, bytes]:
         """Do the work; return the bytes of every output (the store writes them)."""
         raise NotImplementedError

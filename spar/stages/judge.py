@@ -14,8 +14,10 @@ from typing import Any, ClassVar
 from spar.judges.base import JudgeRequest, Verdict
 from spar.judges.rubric import context, render
 from spar.spec import Spec
-from spar.stages.base import RunContext, StageKind
-from spar.store import hash_json, jsonl_text
+from spar.stages.base import RunContext, StageKind, StageNode
+from spar.store import RunStore, hash_json, jsonl_text
+
+SAMPLE_STAGES = ("sample_base", "sample_finetuned")
 
 
 def _read(path: Path) -> dict[tuple[str, str, int], dict[str, Any]]:
@@ -66,6 +68,14 @@ def build_requests(
     return out
 
 
+def item_keys(spec: Spec, requests: list[tuple[dict[str, Any], JudgeRequest]]) -> list[str]:
+    """Memo key of each item: everything that determines its verdict."""
+    return [
+        hash_json({"judge": spec.judge.kind, "model": spec.judge.model, **req.model_dump()})
+        for _, req in requests
+    ]
+
+
 class JudgeStage(StageKind):
     kind = "judge"
     version = 1
@@ -80,6 +90,33 @@ class JudgeStage(StageKind):
         "judge.max_reasks",
     )
 
+    def estimate(self, node: StageNode, store: RunStore, upstream_fresh: bool) -> dict[str, int]:
+        """Judge calls still to make: exact (memo-aware) once both sample outputs are fresh,
+        else an upper bound from the spec. Input tokens are estimated at 4 characters a token."""
+        spec = node.spec
+        assert spec is not None
+        samples = [store.stage_dir(node.experiment, s) / "samples.jsonl" for s in SAMPLE_STAGES]
+        if upstream_fresh and all(p.exists() for p in samples):
+            requests = build_requests(spec, *(_read(p) for p in samples))
+            memo = store.memo_keys("judgments")
+            todo = [
+                req
+                for (_, req), k in zip(requests, item_keys(spec, requests), strict=True)
+                if k not in memo
+            ]
+            chars = sum(len(r.prompt) for r in todo)
+            return {"judge_calls": len(todo), "judge_input_tokens": chars // 4}
+        per_item = 2 if spec.judge.mode == "absolute" else 1
+        calls = len(spec.questions()) * spec.eval.samples_per_question * per_item
+        rubric_chars = len(spec.judge.rubric.read_text())
+        answer_chars = (
+            4 * spec.eval.sampling.max_tokens * (2 if spec.judge.mode == "pairwise" else 1)
+        )
+        return {
+            "judge_calls": calls,
+            "judge_input_tokens": calls * (rubric_chars + answer_chars) // 4,
+        }
+
     def run(self, ctx: RunContext) -> dict[str, bytes]:
         from tqdm import tqdm
 
@@ -89,10 +126,7 @@ class JudgeStage(StageKind):
         base = _read(ctx.upstream_file("sample_base", "samples.jsonl"))
         tuned = _read(ctx.upstream_file("sample_finetuned", "samples.jsonl"))
         requests = build_requests(spec, base, tuned)
-        keys = [
-            hash_json({"judge": spec.judge.kind, "model": spec.judge.model, **req.model_dump()})
-            for _, req in requests
-        ]
+        keys = item_keys(spec, requests)
         memo = ctx.memo("judgments")
         todo = [i for i, k in enumerate(keys) if k not in memo]
         if todo:

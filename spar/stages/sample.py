@@ -13,8 +13,8 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel
 
-from spar.stages.base import RunContext, StageKind
-from spar.store import hash_json, jsonl_text
+from spar.stages.base import RunContext, StageKind, StageNode
+from spar.store import RunStore, hash_json, jsonl_text
 
 
 class SampleRow(BaseModel):
@@ -48,6 +48,13 @@ class SampleStage(StageKind):
         "eval.sampling",
         "eval.system_prompt",
     )
+
+    def estimate(self, node: StageNode, store: RunStore, upstream_fresh: bool) -> dict[str, int]:
+        """Sampling calls (an upper bound: items already in the memo are not drawn again)."""
+        spec = node.spec
+        assert spec is not None
+        calls = len(spec.questions()) * spec.eval.samples_per_question
+        return {"sample_calls": calls, "sample_tokens_max": calls * spec.eval.sampling.max_tokens}
 
     def run(self, ctx: RunContext) -> dict[str, bytes]:
         import tinker
