@@ -28,7 +28,8 @@ def _bars(
     width = 0.8 / max(len(series), 1)
     for k, (label, stats) in enumerate(series):
         xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(tiers))]
-        means = [s["mean"] if s.get("mean") is not None else 0.0 for s in stats]
+        # a tier with no valid score draws no bar (NaN), never a bar at zero
+        means = [s["mean"] if s.get("mean") is not None else float("nan") for s in stats]
         err = [
             [
                 max(m - (s.get("ci_low") if s.get("ci_low") is not None else m), 0)

@@ -64,7 +64,8 @@ def test_experiment_figure_bars_and_whiskers(project, capsys):
     assert [t.get_text() for t in ax.get_xticklabels()] == ["direct", "close", "distant"]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["baseline", "finetuned"]
     heights = [p.get_height() for p in bars[1].patches]
-    assert heights == [s["tiers"][t]["finetuned"]["mean"] for t in ("direct", "close", "distant")]
+    means = [s["tiers"][t]["finetuned"]["mean"] for t in ("direct", "close", "distant")]
+    assert [None if h != h else h for h in heights] == means  # NaN height: no valid score
     assert any(f"{s['invalid']} invalid verdicts" in t.get_text() for t in fig.texts)
 
 

@@ -7,7 +7,10 @@ import importlib
 from spar.judges.base import Judge, JudgeFactory
 from spar.spec import JudgeSpec
 
-_BUILTIN: dict[str, str] = {"embedding": "spar.judges.embedding:EmbeddingJudge"}
+_BUILTIN: dict[str, str] = {
+    "anthropic": "spar.judges.anthropic:AnthropicJudge",
+    "embedding": "spar.judges.embedding:EmbeddingJudge",
+}
 _REGISTERED: dict[str, JudgeFactory] = {}
 
 
