@@ -7,7 +7,10 @@ from pathlib import Path
 
 from spar.engines.base import Engine, EngineFactory
 
-_BUILTIN: dict[str, str] = {"local": "spar.engines.local:LocalEngine"}  # name -> "module:attr"
+_BUILTIN: dict[str, str] = {  # name -> "module:attr"
+    "local": "spar.engines.local:LocalEngine",
+    "tinker": "spar.engines.tinker:TinkerEngine",
+}
 _REGISTERED: dict[str, EngineFactory] = {}
 
 

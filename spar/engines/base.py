@@ -2,7 +2,8 @@
 
 It is the subset of the `tinker` SDK that spar uses, with the SDK's own types (`tinker.Datum`,
 `tinker.ModelInput`, `tinker.SamplingParams`, `tinker.AdamParams`): calls return futures with
-`.result()`, sampling always goes through a sampling client made from a saved sampler path.
+`.result()`, sampling always goes through a sampling client made from a saved sampler path, and a
+training run resumes from a saved state through `create_training_client_from_state_with_optimizer`.
 """
 
 from __future__ import annotations
@@ -46,6 +47,12 @@ class Engine(Protocol):
     def create_lora_training_client(
         self, base_model: str, rank: int, seed: int | None = None
     ) -> TrainingClient: ...
+
+    def create_training_client_from_state_with_optimizer(
+        self, path: str, base_model: str | None = None
+    ) -> TrainingClient:
+        """A training client resuming a `save_state` path: adapter weights and Adam state."""
+        ...
 
     def create_sampling_client(
         self, model_path: str | None = None, base_model: str | None = None

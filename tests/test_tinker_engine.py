@@ -1,0 +1,438 @@
+"""engine `tinker` against a real Tinker-protocol server, and resuming the one training loop.
+
+The server is skyrl's open-source Tinker API server (JAX backend, CPU) on 127.0.0.1, serving the
+`tiny_model` fixture; see tests/tinker_server/. Its SQLite database records every request it
+received and the result it gave, which is what the server-side assertions below read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tinker
+import yaml
+from conftest import Project
+from tinker_server.bootstrap import Server, ServerUnavailable, ensure_venv, running_server
+
+from spar.engines.local import LocalEngine
+from spar.engines.tinker import TinkerEngine
+from spar.errors import RunError
+from spar.models import load_renderer
+from spar.spec import TrainingSpec
+from spar.stages.dataset import datum_row, load_rows, read_records, row_to_datum, to_conversation
+from spar.stages.train import (
+    CHECKPOINTS,
+    STEPS,
+    TrainResult,
+    batches,
+    learning_rate,
+    resume_point,
+    train_loop,
+)
+
+DATA = Path(__file__).parent / "data"
+UNREACHABLE = "http://127.0.0.1:9"
+MAX_LENGTH = 48  # every datum pads to one sequence bucket on the server: one JIT compile
+CFG = TrainingSpec(
+    lora_rank=4,
+    learning_rate=1e-3,
+    lr_schedule="linear",
+    batch_size=2,
+    epochs=1,
+    max_length=MAX_LENGTH,
+    seed=0,
+    save_every=1,
+)
+
+
+class Crash(Exception):
+    """Raised from an on_step hook: the run dies after that step's batch was applied."""
+
+
+def crash_at(step: int) -> Any:
+    def hook(row: dict[str, Any]) -> None:
+        if row["step"] == step:
+            raise Crash(step)
+
+    return hook
+
+
+def doc_rows(base_model: str) -> list[dict[str, Any]]:
+    renderer = load_renderer("qwen3_instruct", base_model)
+    records = read_records(DATA / "docs.jsonl", "synth_docs")[:6]
+    return [datum_row(to_conversation(r, "doc_idea"), renderer, MAX_LENGTH) for r in records]
+
+
+def batch_keys(rows: list[dict[str, Any]], cfg: TrainingSpec) -> dict[tuple[Any, ...], int]:
+    """What identifies each planned batch in a forward_backward request -> its batch index."""
+    return {
+        tuple(tuple(r["target"]) for r in batch): i for i, batch in enumerate(batches(rows, cfg))
+    }
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def assert_complete_metrics(metrics: list[dict[str, Any]], total: int, cfg: TrainingSpec) -> None:
+    assert [m["step"] for m in metrics] == list(range(total))  # every step, exactly once
+    for m in metrics:
+        assert m["learning_rate"] == pytest.approx(learning_rate(cfg, m["step"], total))
+        assert m["learning_rate"] == pytest.approx(cfg.learning_rate * (1 - m["step"] / total))
+        assert math.isfinite(m["loss"]) and m["loss"] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# the server's own record of what it was asked
+
+
+@dataclass
+class Request:
+    id: int
+    type: str
+    model: str | None
+    data: dict[str, Any]
+    result: Any
+
+
+@dataclass
+class ServerLog:
+    requests: list[Request]
+    models: dict[str, str]  # model id -> session id
+    sampling_sessions: list[dict[str, Any]]
+
+    def of(self, model: str, kind: str | None = None) -> list[Request]:
+        return [r for r in self.requests if r.model == model and kind in (None, r.type)]
+
+    def batch_index(self, req: Request, keys: dict[tuple[Any, ...], int]) -> int:
+        sent = tuple(tuple(d["loss_fn_inputs"]["target_tokens"]["data"]) for d in req.data["data"])
+        return keys[sent]
+
+    def lineage(
+        self, resumed_from: str, final_model: str, keys: dict[tuple[Any, ...], int]
+    ) -> list[int]:
+        """Batch indices applied to the weights that the final model ends with.
+
+        `resumed_from` is the `tinker://<model>/weights/<name>` state the final model loaded:
+        the batches of its model up to that save, then every batch of the final model.
+        """
+        src_model, _, name = resumed_from.removeprefix("tinker://").partition("/weights/")
+        (save,) = [r for r in self.of(src_model, "SAVE_WEIGHTS") if r.data["path"] == name]
+        before = [r for r in self.of(src_model, "FORWARD_BACKWARD") if r.id < save.id]
+        after = self.of(final_model, "FORWARD_BACKWARD")
+        return [self.batch_index(r, keys) for r in before + after]
+
+
+def server_log(server: Server) -> ServerLog:
+    con = sqlite3.connect(server.db, timeout=30)
+    try:
+        requests = [
+            Request(rid, rtype, model or None, json.loads(data), json.loads(res) if res else None)
+            for rid, rtype, model, data, res in con.execute(
+                "SELECT request_id, request_type, model_id, request_data, result_data "
+                "FROM futures ORDER BY request_id"
+            )
+        ]
+        models = dict(con.execute("SELECT model_id, session_id FROM models"))
+        cols = ["sampling_session_id", "session_id", "base_model", "model_path"]
+        sessions = [
+            dict(zip(cols, row, strict=True))
+            for row in con.execute(f"SELECT {', '.join(cols)} FROM sampling_sessions")
+        ]
+    finally:
+        con.close()
+    return ServerLog(requests, models, sessions)
+
+
+def model_of(path: str) -> str:
+    return path.removeprefix("tinker://").split("/")[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# fixtures
+
+
+@pytest.fixture(scope="session")
+def skyrl(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    try:
+        venv = ensure_venv()
+    except ServerUnavailable as e:
+        pytest.skip(f"skyrl Tinker server: {e}")
+    with running_server(venv, tiny_model, tmp_path_factory.mktemp("skyrl")) as server:
+        yield server
+
+
+@pytest.fixture
+def on_skyrl(skyrl: Server, monkeypatch: pytest.MonkeyPatch) -> Server:
+    """The SDK's environment pointed at the local server (any API key does for it)."""
+    monkeypatch.setenv("TINKER_BASE_URL", skyrl.url)
+    monkeypatch.setenv("TINKER_API_KEY", "tml-spar-test")
+    return skyrl
+
+
+# ---------------------------------------------------------------------------------------------
+# no server needed
+
+
+def test_unreachable_service_is_one_line_naming_the_url(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TINKER_BASE_URL", UNREACHABLE)
+    monkeypatch.setenv("TINKER_API_KEY", "tml-spar-test")
+    engine = TinkerEngine(tmp_path)
+    with pytest.raises(RunError) as err:
+        engine.create_lora_training_client("some/model", rank=4)
+    msg = str(err.value)
+    assert f"{UNREACHABLE}/api/v1/healthz" in msg
+    assert "\n" not in msg
+
+
+def test_spar_apply_on_unreachable_tinker_exits_1_with_one_line(project: Project) -> None:
+    project.edit(lambda d: d["model"].update(engine="tinker"))
+    start = time.monotonic()
+    proc = project.spar_proc(
+        "apply", str(project.spec), TINKER_BASE_URL=UNREACHABLE, TINKER_API_KEY="tml-spar-test"
+    )
+    out, err = proc.communicate(timeout=120)
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 1, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("spar: failed: ") and UNREACHABLE in lines[0]
+    assert "Traceback" not in err
+    # the SDK alone would retry an unreachable server for about 300 s
+    assert elapsed < 30, elapsed
+
+
+def test_resume_point_is_the_last_complete_checkpoint(tmp_path: Path) -> None:
+    """`batch` = batches applied; a line cut short by SIGKILL is ignored; steps must be there."""
+
+    def write(name: str, lines: list[str]) -> None:
+        (tmp_path / name).write_text("".join(lines))
+
+    step = [json.dumps({"step": i, "learning_rate": 0.1, "loss": 1.0}) + "\n" for i in range(4)]
+    row = [
+        json.dumps({"name": f"step{b:06d}", "batch": b, "state_path": f"s{b}"}) + "\n"
+        for b in (1, 2)
+    ]
+    write(CHECKPOINTS, [*row, '{"name": "step000003", "ba'])
+    write(STEPS, [*step[:3], '{"step": 3, "lea'])
+    got = resume_point(tmp_path, total=5)
+    assert got is not None
+    assert (got.batch, got.state_path) == (2, "s2")
+    assert [m["step"] for m in got.metrics] == [0, 1]  # step 2 was applied after "s2": redone
+    write(STEPS, [step[0], step[2]])  # step 1's metrics missing: cannot resume completely
+    assert resume_point(tmp_path, total=5) is None
+    write(STEPS, step)
+    assert resume_point(tmp_path, total=1) is None  # not a checkpoint of this plan
+    (tmp_path / CHECKPOINTS).unlink()
+    assert resume_point(tmp_path, total=5) is None
+
+
+def test_local_engine_resumes_without_replaying_a_batch(tiny_model: Path, tmp_path: Path) -> None:
+    """The same loop on engine `local`: a resumed run ends with the uninterrupted run's weights."""
+    from safetensors.torch import load_file
+
+    base = str(tiny_model)
+    rows = doc_rows(base)
+    cfg = CFG.model_copy(update={"learning_rate": 2e-2})
+    total = len(batches(rows, cfg))
+    keys = batch_keys(rows, cfg)
+    applied: list[list[int]] = []
+
+    class Recording(LocalEngine):  # records the batches each training client is given
+        def _wrap(self, client: Any) -> Any:
+            seen: list[int] = []
+            applied.append(seen)
+            fb = client.forward_backward
+
+            def forward_backward(data: list[tinker.Datum], loss_fn: str) -> Any:
+                sent = tuple(tuple(d.loss_fn_inputs["target_tokens"].tolist()) for d in data)
+                seen.append(keys[sent])
+                return fb(data, loss_fn)
+
+            client.forward_backward = forward_backward
+            return client
+
+        def create_lora_training_client(self, *a: Any, **k: Any) -> Any:
+            return self._wrap(super().create_lora_training_client(*a, **k))
+
+        def create_training_client_from_state_with_optimizer(self, *a: Any, **k: Any) -> Any:
+            return self._wrap(super().create_training_client_from_state_with_optimizer(*a, **k))
+
+    ref = train_loop(LocalEngine(tmp_path / "ref"), base, rows, cfg, "ref", tmp_path / "ref-log")
+    engine, log_dir = Recording(tmp_path / "eng"), tmp_path / "log"
+    with pytest.raises(Crash):
+        train_loop(engine, base, rows, cfg, "run", log_dir, on_step=crash_at(1))
+    assert [r["batch"] for r in read_jsonl(log_dir / CHECKPOINTS)] == [1]
+    res = train_loop(engine, base, rows, cfg, "run", log_dir)
+
+    assert res.resumed_at == 1
+    assert applied == [[0, 1], [1, 2]]  # batch 1 of the first client died with it
+    assert_complete_metrics(res.metrics, total, cfg)
+    assert [m["loss"] for m in res.metrics] == pytest.approx([m["loss"] for m in ref.metrics])
+    got = load_file(str(Path(res.sampler_path) / "adapter_model.safetensors"))
+    want = load_file(str(Path(ref.sampler_path) / "adapter_model.safetensors"))
+    assert got.keys() == want.keys()
+    for k in want:  # adapter *and* Adam state came back: the same weights as never stopping
+        assert got[k].allclose(want[k], atol=1e-6), k
+
+
+# ---------------------------------------------------------------------------------------------
+# against the skyrl server
+
+
+def test_train_loop_on_tinker_resumes_at_the_saved_batch(
+    on_skyrl: Server, tiny_model: Path, tmp_path: Path
+) -> None:
+    base = str(tiny_model)
+    rows = doc_rows(base)
+    total = len(batches(rows, CFG))
+    keys = batch_keys(rows, CFG)
+    log_dir = tmp_path / "train"
+
+    with pytest.raises(Crash):
+        train_loop(TinkerEngine(tmp_path), base, rows, CFG, "t1", log_dir, on_step=crash_at(1))
+    (row,) = read_jsonl(log_dir / CHECKPOINTS)
+    assert row["name"] == "step000001" and row["batch"] == 1
+    assert row["state_path"].startswith("tinker://") and "/weights/" in row["state_path"]
+    assert [m["step"] for m in read_jsonl(log_dir / STEPS)] == [0, 1]
+    first_model, resumed_from = model_of(row["state_path"]), row["state_path"]
+
+    res: TrainResult = train_loop(TinkerEngine(tmp_path), base, rows, CFG, "t1", log_dir)
+    assert res.resumed_at == 1
+    assert_complete_metrics(res.metrics, total, CFG)
+    assert read_jsonl(log_dir / STEPS) == res.metrics
+    ckpts = read_jsonl(log_dir / CHECKPOINTS)
+    assert [(c["name"], c["batch"]) for c in ckpts] == [
+        ("step000001", 1),
+        ("step000002", 2),
+        ("final", 3),
+    ]
+    final = ckpts[-1]
+    assert final["final"] is True
+    assert final["state_path"] == res.state_path and final["sampler_path"] == res.sampler_path
+    assert res.sampler_path.startswith("tinker://") and res.state_path.startswith("tinker://")
+
+    srv = server_log(on_skyrl)
+    final_model = model_of(res.state_path)
+    assert final_model != first_model
+    # the resumed client is a new model whose first request loads the saved state + optimizer
+    load = srv.of(final_model)[1]
+    assert load.type == "LOAD_WEIGHTS"
+    assert load.data == {
+        "source_model_id": first_model,
+        "checkpoint_id": "t1-step000001",
+        "load_optimizer": True,
+    }
+    # the first run applied batches 0 and 1 (1 was lost with it); the resumed one 1 and 2
+    assert [srv.batch_index(r, keys) for r in srv.of(first_model, "FORWARD_BACKWARD")] == [0, 1]
+    assert [srv.batch_index(r, keys) for r in srv.of(final_model, "FORWARD_BACKWARD")] == [1, 2]
+    assert srv.lineage(resumed_from, final_model, keys) == [0, 1, 2]
+    # the learning rate the server applied at each step of that lineage: the linear schedule
+    steps = srv.of(first_model, "OPTIM_STEP")[:1] + srv.of(final_model, "OPTIM_STEP")
+    for step, req in enumerate(steps):
+        want = CFG.learning_rate * (1 - step / total)
+        assert req.data["adam_params"]["learning_rate"] == pytest.approx(want, rel=1e-12)
+        assert req.result["metrics"]["skyrl.ai/learning_rate"] == pytest.approx(want, rel=1e-6)
+
+
+def test_loss_mask_reaches_the_server(on_skyrl: Server, tiny_model: Path, tmp_path: Path) -> None:
+    """The server computes the loss with our per-token weights: zero on the masked prompt."""
+    base = str(tiny_model)
+    rows = doc_rows(base)[:2]
+    datums = [row_to_datum(r) for r in rows]
+    client = TinkerEngine(tmp_path).create_lora_training_client(base, rank=4, seed=0)
+    out = client.forward_backward(datums, "cross_entropy").result()
+
+    srv = server_log(on_skyrl)
+    (req,) = [r for r in srv.requests if r.type == "FORWARD_BACKWARD"][-1:]
+    for row, sent, got in zip(rows, req.data["data"], req.result["loss_fn_outputs"], strict=True):
+        weights = row["weights"]
+        assert sent["loss_fn_inputs"]["weights"]["data"] == pytest.approx(weights)
+        assert 0 in weights and any(w > 0 for w in weights)  # a prompt part and a document part
+        logprobs = got["logprobs"]["data"]
+        loss = got["elementwise_loss"]["data"]
+        assert loss == pytest.approx([-lp * w for lp, w in zip(logprobs, weights, strict=True)])
+        assert all((x == 0) == (w == 0) for x, w in zip(loss, weights, strict=True))
+    # and what the SDK handed back is that same server result
+    for got, sent in zip(out.loss_fn_outputs, req.result["loss_fn_outputs"], strict=True):
+        assert got["logprobs"].tolist() == pytest.approx(sent["logprobs"]["data"])
+
+
+def test_spar_apply_on_tinker_resumes_after_sigkill_and_samples_trained_weights(
+    on_skyrl: Server, project: Project
+) -> None:
+    """Full `spar apply` (engine tinker, keyword judge), SIGKILLed mid-training, then re-run."""
+
+    def tinker_spec(d: dict[str, Any]) -> None:
+        d["model"]["engine"] = "tinker"
+        d["training"].update(save_every=1, max_length=MAX_LENGTH)
+        d["eval"]["samples_per_question"] = 1
+        d["eval"]["sampling"]["max_tokens"] = 16
+
+    project.edit(tinker_spec)
+    env = {"TINKER_BASE_URL": on_skyrl.url, "TINKER_API_KEY": "tml-spar-test"}
+    killed = project.spar_proc(
+        "apply",
+        str(project.spec),
+        SPAR_PLUGINS="fake_plugin,tinker_server.kill_plugin",
+        SPAR_KILL_AT_FORWARD_BACKWARD="3",  # dies before its third batch: two were applied
+        **env,
+    )
+    out, err = killed.communicate(timeout=600)
+    assert killed.returncode == -9, (out, err)
+    (log_dir,) = (project.runs / ".spar" / "train").iterdir()
+    ckpts = read_jsonl(log_dir / CHECKPOINTS)
+    assert [(c["name"], c["batch"]) for c in ckpts] == [("step000001", 1), ("step000002", 2)]
+    resumed_from = ckpts[-1]["state_path"]
+
+    again = project.spar_proc("apply", str(project.spec), **env)
+    out, err = again.communicate(timeout=600)
+    assert again.returncode == 0, (out, err)
+    assert "ran exp / train" in out and "ran exp / sample_finetuned" in out
+
+    spec = yaml.safe_load(project.spec.read_text())
+    cfg = TrainingSpec(**spec["training"])
+    rows = load_rows(project.runs / "exp/dataset/train.jsonl")
+    keys = batch_keys(rows, cfg)
+    total = len(keys)
+    assert total == 3
+    metrics = read_jsonl(project.runs / "exp/train/metrics.jsonl")
+    assert_complete_metrics(metrics, total, cfg)
+    record = json.loads((project.runs / "exp/train/checkpoint.json").read_text())
+    assert record["engine"] == "tinker" and record["steps"] == total
+    sampler = record["sampler_path"]
+    assert sampler.startswith("tinker://")
+    assert not (log_dir / CHECKPOINTS).exists() and not (log_dir / STEPS).exists()
+
+    srv = server_log(on_skyrl)
+    final_model = model_of(record["state_path"])
+    assert model_of(sampler) == final_model
+    assert srv.lineage(resumed_from, final_model, keys) == [0, 1, 2]  # each batch exactly once
+
+    # sampling: fresh sampling clients of their own sessions, from the sampler path / base model
+    tuned = [s for s in srv.sampling_sessions if s["model_path"] == sampler]
+    assert len(tuned) == 1
+    assert tuned[0]["session_id"] != srv.models[final_model]  # not the training client's session
+    base_model = str(spec["model"]["base_model"])
+    assert [s for s in srv.sampling_sessions if s["base_model"] == base_model]
+    n_questions = sum(len(v) for v in spec["eval"]["tiers"].values())
+    tuned_samples = [
+        r
+        for r in srv.requests
+        if r.type == "SAMPLE" and r.data["sampling_session_id"] == tuned[0]["sampling_session_id"]
+    ]
+    assert len(tuned_samples) == n_questions
+    assert {r.data["checkpoint_id"] for r in tuned_samples} == {sampler.rsplit("/", 1)[1]}
+    sampled = read_jsonl(project.runs / "exp/sample_finetuned/samples.jsonl")
+    assert len(sampled) == n_questions and all(s["response"] is not None for s in sampled)
+    assert len(read_jsonl(project.runs / "exp/judge/judged.jsonl")) == n_questions
