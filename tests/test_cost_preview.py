@@ -18,6 +18,8 @@ def test_plan_estimates_calls_for_stale_stages_only(project, capsys):
     assert before["sample_finetuned"]["estimate"]["sample_tokens_max"] == 8 * 32
     assert before["judge"]["estimate"]["judge_calls"] == 8
     assert before["judge"]["estimate"]["judge_input_tokens"] > 0
+    docs_bytes = (project.root / "docs.jsonl").stat().st_size
+    assert before["train"]["estimate"]["training_tokens"] == docs_bytes // 4  # ~4 bytes a token
     text = project.spar("plan", str(project.spec), capsys=capsys).out
     assert "estimate for exp: " in text and "judge calls 8" in text
     assert project.spar("apply", str(project.spec), capsys=capsys).code == 0
@@ -26,6 +28,13 @@ def test_plan_estimates_calls_for_stale_stages_only(project, capsys):
 
 def test_judge_estimate_is_exact_and_memo_aware(project, capsys):
     assert project.spar("apply", str(project.spec), capsys=capsys).code == 0
+    project.edit(lambda d: d["training"].update(epochs=2))
+    rows_ = [
+        json.loads(x) for x in (project.runs / "exp/dataset/train.jsonl").read_text().splitlines()
+    ]
+    exact = 2 * sum(len(r["input"]) for r in rows_)
+    assert rows(project, capsys)["train"]["estimate"]["training_tokens"] == exact
+    project.edit(lambda d: d["training"].update(epochs=1))
     project.edit(lambda d: d["judge"].update(model="kw-2"))
     assert rows(project, capsys)["judge"]["estimate"]["judge_calls"] == 8
     assert project.spar("apply", str(project.spec), capsys=capsys).code == 0

@@ -20,9 +20,9 @@ from pydantic import BaseModel, ConfigDict
 
 from spar.engines.base import Engine, TrainingClient
 from spar.spec import TrainingSpec
-from spar.stages.base import RunContext, StageKind
+from spar.stages.base import RunContext, StageKind, StageNode
 from spar.stages.dataset import load_rows, row_to_datum
-from spar.store import jsonl_text
+from spar.store import RunStore, jsonl_text
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,11 @@ class CheckpointRecord(BaseModel):
     sampler_path: str
     state_path: str
     steps: int
+
+
+def _count_lines(path: Path) -> int:
+    with path.open("rb") as f:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
 
 
 def learning_rate(cfg: TrainingSpec, step: int, total_steps: int) -> float:
@@ -218,6 +223,19 @@ class TrainStage(StageKind):
         "training.epochs",
         "training.seed",
     )
+
+    def estimate(self, node: StageNode, store: RunStore, upstream_fresh: bool) -> dict[str, int]:
+        """Training tokens: exact from a fresh dataset output, else ~4 bytes a token of docs."""
+        spec = node.spec
+        assert spec is not None
+        built = store.stage_dir(node.experiment, "dataset") / "train.jsonl"
+        if upstream_fresh and built.exists():
+            per_epoch = sum(len(r["input"]) for r in load_rows(built))
+        else:
+            per_epoch = spec.data.docs.stat().st_size // 4
+            if spec.training.max_length is not None:
+                per_epoch = min(per_epoch, _count_lines(spec.data.docs) * spec.training.max_length)
+        return {"training_tokens": per_epoch * spec.training.epochs}
 
     def run(self, ctx: RunContext) -> dict[str, bytes]:
         from spar.engines import get_engine
