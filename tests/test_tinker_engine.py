@@ -273,6 +273,11 @@ def test_local_engine_resumes_without_replaying_a_batch(tiny_model: Path, tmp_pa
     with pytest.raises(Crash):
         train_loop(engine, base, rows, cfg, "run", log_dir, on_step=crash_at(1))
     assert [r["batch"] for r in read_jsonl(log_dir / CHECKPOINTS)] == [1]
+    # the log is tinker-cookbook's own format: its checkpoint_utils finds the resumable state
+    from tinker_cookbook import checkpoint_utils
+
+    last = checkpoint_utils.get_last_checkpoint(str(log_dir))
+    assert last is not None and last.batch == 1 and Path(last.state_path).exists()
     res = train_loop(engine, base, rows, cfg, "run", log_dir)
 
     assert res.resumed_at == 1
