@@ -147,7 +147,7 @@ class FakeEngine:
 
 
 class KeywordJudge:
-    def __init__(self, spec: JudgeSpec) -> None:
+    def __init__(self, spec: JudgeSpec, workdir: Path | None = None) -> None:
         self.model = spec.model
 
     def judge_many(self, requests: list[JudgeRequest], concurrency: int):

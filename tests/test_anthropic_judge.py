@@ -349,3 +349,42 @@ def test_sigkill_mid_judging_then_reapply_judges_nothing_twice(project, server) 
         json.loads(r) for r in (project.runs / "exp/judge/judged.jsonl").read_text().splitlines()
     ]
     assert len(rows) == 16 and all(r["status"] == "ok" for r in rows)
+
+
+def test_sigkill_while_polling_a_batch_resumes_it_instead_of_paying_twice(project, server) -> None:
+    """A batch submitted before a crash is journaled under runs/.spar/; the re-apply polls that
+    same batch and reads its results: no second batch, no direct call, every item scored."""
+
+    def to_batch(d: dict) -> None:
+        d["judge"].update(kind="anthropic", model="claude-test", batch=True)
+
+    project.edit(to_batch)
+    server.batch_polls = 10**9  # the batch stays in progress until the test says otherwise
+    env = {"ANTHROPIC_BASE_URL": server.url}
+    p = project.spar_proc("apply", str(project.spec), **env)
+    while not server.wait_for(
+        lambda s: any(b["polls"] >= 2 for b in s.batches.values()), timeout=1.0
+    ):
+        assert p.poll() is None, p.communicate()[1]
+    p.send_signal(signal.SIGKILL)
+    p.communicate(timeout=60)
+    assert p.returncode == -signal.SIGKILL
+    (batch,) = server.batches.values()
+    assert len(batch["requests"]) == 8
+
+    server.batch_polls = batch["polls"] + 1  # it ends at the next poll
+    p = project.spar_proc("apply", str(project.spec), **env)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    assert "ran exp / judge" in out and "sample_" not in out
+    assert len(server.batches) == 1  # resumed, not resubmitted
+    assert server.prompts(MESSAGES) == Counter()  # and nothing asked through the direct API
+    rows = [
+        json.loads(r) for r in (project.runs / "exp/judge/judged.jsonl").read_text().splitlines()
+    ]
+    assert len(rows) == 8 and all(r["status"] == "ok" for r in rows)
+    log = project.runs / ".spar/judges/anthropic/batches.jsonl"
+    assert [json.loads(line).get("done", False) for line in log.read_text().splitlines()] == [
+        False,
+        True,
+    ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from spar.judges.base import Judge, JudgeFactory
 from spar.registry import Registry
 from spar.spec import JudgeSpec
@@ -16,5 +18,5 @@ register_judge = _JUDGES.register
 judge_kinds = _JUDGES.names
 
 
-def get_judge(spec: JudgeSpec) -> Judge:
-    return _JUDGES.factory(spec.kind)(spec)
+def get_judge(spec: JudgeSpec, workdir: Path | None = None) -> Judge:
+    return _JUDGES.factory(spec.kind)(spec, workdir)

@@ -48,6 +48,7 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -57,6 +58,7 @@ from spar.errors import RunError
 from spar.judges import rubric
 from spar.judges.base import JudgeRequest, Verdict
 from spar.spec import JudgeSpec
+from spar.store import hash_json
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,11 @@ REASK = (
 
 
 # --------------------------------------------------------------------------- pure helpers
+
+
+def request_id(model: str, req: JudgeRequest) -> str:
+    """A batch custom_id naming the request by content, so a resumed run can match results."""
+    return "r-" + hash_json({"model": model, **req.model_dump()})[:40]
 
 
 def static_prefix(spec: JudgeSpec) -> str:
@@ -228,6 +235,7 @@ class AnthropicJudge:
     def __init__(
         self,
         spec: JudgeSpec,
+        workdir: Path | None = None,
         *,
         timeout: float | None = None,
         max_retries: int | None = None,
@@ -236,6 +244,8 @@ class AnthropicJudge:
     ) -> None:
         self.model = spec.model
         self.batch = spec.batch
+        # submitted Message Batches, so a crash while polling resumes them instead of paying twice
+        self.batch_log = workdir / "batches.jsonl" if workdir is not None else None
         self.max_reasks = spec.max_reasks
         self.timeout = (
             timeout
@@ -305,6 +315,38 @@ class AnthropicJudge:
         ]
 
     # ----------------------------------------------------------------- the sync interface
+
+    def pending_batches(self) -> list[tuple[str, set[str]]]:
+        """Batches submitted earlier whose results were not all collected: (id, custom ids)."""
+        if self.batch_log is None or not self.batch_log.exists():
+            return []
+        submitted: dict[str, set[str]] = {}
+        for line in self.batch_log.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError):
+                row = json.loads(line)
+                if row.get("done"):
+                    submitted.pop(row["batch_id"], None)
+                else:
+                    submitted[row["batch_id"]] = set(row["custom_ids"])
+        return list(submitted.items())
+
+    def record_batch(self, batch_id: str, custom_ids: list[str], done: bool = False) -> None:
+        """Journal a submitted batch (flushed at once), or that its results were all collected."""
+        if self.batch_log is None:
+            return
+        self.batch_log.parent.mkdir(parents=True, exist_ok=True)
+        row = (
+            {"batch_id": batch_id, "done": True}
+            if done
+            else {
+                "batch_id": batch_id,
+                "custom_ids": custom_ids,
+            }
+        )
+        with self.batch_log.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
     def judge_many(
         self, requests: list[JudgeRequest], concurrency: int
@@ -491,11 +533,11 @@ class _Run:
 
     # ----------------------------------------------------------------- batches
 
-    def chunks(self) -> list[list[int]]:
+    def chunks(self, indices: list[int]) -> list[list[int]]:
         out: list[list[int]] = [[]]
         size = 0
-        for i, req in enumerate(self.requests):
-            n = len(req.prompt.encode()) + 1024
+        for i in indices:
+            n = len(self.requests[i].prompt.encode()) + 1024
             if out[-1] and (len(out[-1]) >= MAX_BATCH_REQUESTS or size + n > MAX_BATCH_BYTES):
                 out.append([])
                 size = 0
@@ -507,11 +549,22 @@ class _Run:
         from tqdm import tqdm
 
         judge = self.judge
+        cid = [request_id(judge.model, r) for r in self.requests]
         ids: list[tuple[str, list[int]]] = []
-        for chunk in self.chunks():
+        covered: set[int] = set()
+        for batch_id, custom_ids in judge.pending_batches():
+            chunk = [i for i, c in enumerate(cid) if c in custom_ids and i not in covered]
+            if chunk:  # submitted (and paid for) by an interrupted run: collect, don't resubmit
+                log.info(
+                    "judge anthropic: resuming message batch %s (%d items)", batch_id, len(chunk)
+                )
+                ids.append((batch_id, chunk))
+                covered.update(chunk)
+        remaining = [i for i in range(len(self.requests)) if i not in covered]
+        for chunk in self.chunks(remaining) if remaining else []:
             reqs = [
                 {
-                    "custom_id": f"item-{i}",
+                    "custom_id": cid[i],
                     "params": judge.params(
                         self.requests[i], judge.first_messages(self.requests[i])
                     ),
@@ -529,6 +582,7 @@ class _Run:
                     f"judge anthropic: could not create a batch: {describe(e)}"
                 ) from None
             log.info("judge anthropic: message batch %s: %d requests", created.id, len(chunk))
+            judge.record_batch(created.id, [cid[i] for i in chunk])
             ids.append((created.id, chunk))
         again: list[tuple[int, Message | None]] = []
         bar = tqdm(total=len(self.requests), desc="judge batch", unit="req", leave=False)
@@ -538,7 +592,10 @@ class _Run:
                 await self.wait(batch_id, lambda n, base=done: bar.update(base + n - bar.n))
                 done += len(chunk)
                 seen: set[int] = set()
-                async for index, reply in self.results(batch_id):
+                by_cid: dict[str, list[int]] = {}
+                for i in chunk:
+                    by_cid.setdefault(cid[i], []).append(i)
+                async for index, reply in self.results(batch_id, by_cid):
                     seen.add(index)
                     got = read_verdict(reply, self.requests[index]) if reply else None
                     if isinstance(got, Verdict):
@@ -546,6 +603,7 @@ class _Run:
                     else:
                         again.append((index, reply))
                 again += [(i, None) for i in chunk if i not in seen]
+                judge.record_batch(batch_id, [], done=True)
         finally:
             bar.close()
         if again:
@@ -577,25 +635,22 @@ class _Run:
                     return
             await asyncio.sleep(self.judge.poll_seconds)
 
-    async def results(self, batch_id: str) -> AsyncIterator[tuple[int, Message | None]]:
+    async def results(
+        self, batch_id: str, by_cid: dict[str, list[int]]
+    ) -> AsyncIterator[tuple[int, Message | None]]:
         """(index, reply or None if the request errored/expired/was canceled), as they stream."""
         try:
             lines = await self.client.messages.batches.results(batch_id)
             async for line in lines:
-                try:
-                    index = int(line.custom_id.removeprefix("item-"))
-                except ValueError:
-                    continue
-                if not 0 <= index < len(self.requests):
-                    continue
-                if line.result.type == "succeeded":
-                    yield index, line.result.message
-                else:
-                    detail = line.result.type
-                    if line.result.type == "errored":
-                        detail += f": {line.result.error.error.type}"
-                    log.info("judge anthropic: batch item %d %s", index, detail)
-                    yield index, None
+                for index in by_cid.get(line.custom_id, []):
+                    if line.result.type == "succeeded":
+                        yield index, line.result.message
+                    else:
+                        detail = line.result.type
+                        if line.result.type == "errored":
+                            detail += f": {line.result.error.error.type}"
+                        log.info("judge anthropic: batch item %d %s", index, detail)
+                        yield index, None
         except _FATAL as e:
             raise RunError(f"judge anthropic: {describe(e)} (check ANTHROPIC_API_KEY)") from None
         except anthropic.APIError as e:

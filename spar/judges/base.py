@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict
@@ -42,6 +43,7 @@ class Judge(Protocol):
 
 
 class JudgeFactory(Protocol):
-    def __call__(self, spec: JudgeSpec) -> Judge:
-        """Build a judge from the spec's `judge:` section (kind, model, concurrency, ...)."""
+    def __call__(self, spec: JudgeSpec, workdir: Path | None = None) -> Judge:
+        """Build a judge from the spec's `judge:` section (kind, model, concurrency, ...).
+        `workdir` (under runs/.spar/) is where a judge may keep state across crashes."""
         ...

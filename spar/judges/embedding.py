@@ -78,7 +78,7 @@ def _scale(x: float, low: float, high: float, req: JudgeRequest) -> float:
 
 
 class EmbeddingJudge:
-    def __init__(self, spec: JudgeSpec) -> None:
+    def __init__(self, spec: JudgeSpec, workdir: Path | None = None) -> None:
         model_dir(spec.model)  # fail early on an unknown model or a missing package
         self.model = spec.model
 

@@ -130,7 +130,7 @@ class JudgeStage(StageKind):
         memo = ctx.memo("judgments")
         todo = [i for i, k in enumerate(keys) if k not in memo]
         if todo:
-            judge = get_judge(spec.judge)
+            judge = get_judge(spec.judge, ctx.store.scratch("judges", spec.judge.kind))
             bar = tqdm(total=len(todo), desc="judge", leave=False)
             for pos, verdict in judge.judge_many(
                 [requests[i][1] for i in todo], spec.judge.concurrency
