@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -165,6 +166,8 @@ def skyrl(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     try:
         venv = ensure_venv()
     except ServerUnavailable as e:
+        if os.environ.get("CI"):  # CI must run these: a missing Python 3.12 is a failure there
+            raise
         pytest.skip(f"skyrl Tinker server: {e}")
     with running_server(venv, tiny_model, tmp_path_factory.mktemp("skyrl")) as server:
         yield server

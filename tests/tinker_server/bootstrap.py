@@ -38,9 +38,17 @@ class ServerUnavailable(Exception):
 
 def python312() -> str:
     """A working Python 3.12 interpreter (its real path: pyenv shims may not resolve)."""
+    pyenv_roots = [os.environ.get("PYENV_ROOT", ""), str(Path.home() / ".pyenv")]
+    pyenv = shutil.which("pyenv")
+    if pyenv:  # e.g. /root/.pyenv/bin/pyenv (also found when HOME points elsewhere)
+        pyenv_roots.append(str(Path(pyenv).resolve().parents[1]))
     candidates = [
         os.environ.get("SPAR_TEST_PYTHON312", ""),
-        *sorted(glob.glob(str(Path.home() / ".pyenv/versions/3.12*/bin/python3.12"))),
+        *(
+            p
+            for root in dict.fromkeys(filter(None, pyenv_roots))
+            for p in sorted(glob.glob(f"{root}/versions/3.12*/bin/python3.12"))
+        ),
         shutil.which("python3.12") or "",
     ]
     for c in filter(None, candidates):
