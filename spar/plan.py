@@ -125,12 +125,13 @@ def fingerprint(node: StageNode, input_hashes: dict[str, str], upstream_fps: dic
     )
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings -> dotted keys (`training.learning_rate`); lists stay whole."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict) and v:
-            out.update(_flatten(v, key + "."))
+            out.update(flatten(v, key + "."))
         else:
             out[key] = v
     return out
@@ -153,7 +154,7 @@ def diff_reasons(
     reasons: list[str] = []
     if old_version != node.kind.version:
         reasons.append(f"stage version {old_version} -> {node.kind.version}")
-    old, new = _flatten(old_params), _flatten(node.params)
+    old, new = flatten(old_params), flatten(node.params)
     for key in sorted(old.keys() | new.keys()):
         if old.get(key, "<unset>") != new.get(key, "<unset>"):
             reasons.append(

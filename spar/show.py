@@ -6,19 +6,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from spar.plan import flatten
 from spar.plots import effect, tier_order
 from spar.spec import Spec
 from spar.store import RunStore
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _display(value: Any) -> Any:
@@ -31,7 +22,7 @@ def _display(value: Any) -> Any:
 
 
 def show_rows(specs: list[Spec], store: RunStore) -> list[dict[str, Any]]:
-    flat = [_flatten(s.model_dump(mode="json", exclude={"name"})) for s in specs]
+    flat = [flatten(s.model_dump(mode="json", exclude={"name"})) for s in specs]
     keys = list(dict.fromkeys(k for f in flat for k in f))
     differ = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1]
     rows = []
