@@ -187,7 +187,7 @@ def test_a_slot_is_freed_only_once_the_stage_has_taken_the_verdict(
 def test_authentication_error_aborts_with_one_line(
     server: AnthropicServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-wrong-key-0123456789")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "fake-wrong-key-0123456789")
     reqs = requests_for([f"answer {n}" for n in range(40)])
     with pytest.raises(RunError) as e:
         list(AnthropicJudge(judge_spec()).judge_many(reqs, concurrency=4))

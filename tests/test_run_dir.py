@@ -74,8 +74,8 @@ def test_every_output_has_its_params_file(project, capsys):
 
 def test_no_secret_reaches_runs(project, capsys, monkeypatch):
     secrets = {
-        "ANTHROPIC_API_KEY": "sk-ant-test-0123456789abcdef",
-        "TINKER_API_KEY": "tml-secretsecretsecret-0001",
+        "ANTHROPIC_API_KEY": "fake-anthropic-0123456789abcdef",
+        "TINKER_API_KEY": "fake-tinker-secretsecret-0001",
         "HF_TOKEN": "hf_tokentokentoken42",
         "MY_SECRET": "hunter2hunter2",
     }
