@@ -112,8 +112,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from spar.plots import judged_figure, png
     from spar.spec import PlotSpec
-    from spar.stages.report import read_jsonl
-    from spar.store import atomic_write_bytes
+    from spar.store import atomic_write_bytes, read_jsonl
 
     labels = args.labels or [p.parent.name or p.stem for p in args.results]
     if len(labels) != len(args.results):

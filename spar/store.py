@@ -166,6 +166,11 @@ def jsonl_text(rows: list[dict[str, Any]]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Every non-blank line of a JSONL output, parsed."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def params_path(output: Path) -> Path:
     """`X.ext` -> `X.params.yaml` (beside it)."""
     return output.with_name(output.name.split(".", 1)[0] + ".params.yaml")

@@ -9,7 +9,7 @@ import matplotlib
 
 from spar.plots import compare_figure, experiment_figure, judged_figure
 from spar.spec import PlotSpec
-from spar.stages.report import read_jsonl
+from spar.store import read_jsonl
 
 
 def apply(project, capsys, *specs) -> None:

@@ -28,7 +28,7 @@ from spar.engines.tinker import TinkerEngine
 from spar.errors import RunError
 from spar.models import load_renderer
 from spar.spec import TrainingSpec
-from spar.stages.dataset import datum_row, load_rows, read_records, row_to_datum, to_conversation
+from spar.stages.dataset import datum_row, read_records, row_to_datum, to_conversation
 from spar.stages.train import (
     CHECKPOINTS,
     STEPS,
@@ -38,6 +38,7 @@ from spar.stages.train import (
     resume_point,
     train_loop,
 )
+from spar.store import read_jsonl
 
 DATA = Path(__file__).parent / "data"
 UNREACHABLE = "http://127.0.0.1:9"
@@ -77,10 +78,6 @@ def batch_keys(rows: list[dict[str, Any]], cfg: TrainingSpec) -> dict[tuple[Any,
     return {
         tuple(tuple(r["target"]) for r in batch): i for i, batch in enumerate(batches(rows, cfg))
     }
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def assert_complete_metrics(metrics: list[dict[str, Any]], total: int, cfg: TrainingSpec) -> None:
@@ -410,7 +407,7 @@ def test_spar_apply_on_tinker_resumes_after_sigkill_and_samples_trained_weights(
 
     spec = yaml.safe_load(project.spec.read_text())
     cfg = TrainingSpec(**spec["training"])
-    rows = load_rows(project.runs / "exp/dataset/train.jsonl")
+    rows = read_jsonl(project.runs / "exp/dataset/train.jsonl")
     keys = batch_keys(rows, cfg)
     total = len(keys)
     assert total == 3

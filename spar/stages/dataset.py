@@ -8,7 +8,6 @@ renderer's (`conversation_to_datum`, `TrainOnWhat.ALL_ASSISTANT_MESSAGES`).
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -122,10 +121,6 @@ def row_to_datum(row: dict[str, Any]) -> Any:
             "weights": tinker.TensorData.from_numpy(np.asarray(row["weights"], dtype=np.float32)),
         },
     )
-
-
-def load_rows(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 class DatasetStage(StageKind):

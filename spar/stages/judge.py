@@ -7,7 +7,6 @@ An edited rubric re-judges from the sample outputs; it never re-samples.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -15,13 +14,13 @@ from spar.judges.base import JudgeRequest, Verdict
 from spar.judges.rubric import context, render
 from spar.spec import Spec
 from spar.stages.base import RunContext, StageKind, StageNode
-from spar.store import RunStore, hash_json, jsonl_text
+from spar.store import RunStore, hash_json, jsonl_text, read_jsonl
 
 SAMPLE_STAGES = ("sample_base", "sample_finetuned")
 
 
 def _read(path: Path) -> dict[tuple[str, str, int], dict[str, Any]]:
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(path)
     return {(r["tier"], r["question"], r["sample_index"]): r for r in rows}
 
 

@@ -10,7 +10,7 @@ import json
 from typing import ClassVar
 
 from spar.stages.base import RunContext, StageKind
-from spar.stages.report import read_jsonl
+from spar.store import read_jsonl
 
 
 class PlotStage(StageKind):

@@ -10,18 +10,14 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from pathlib import Path
 from typing import Any, ClassVar
 
 from spar.spec import Spec
 from spar.stages.base import RunContext, StageKind
 from spar.stats import estimate, rate
+from spar.store import read_jsonl
 
 MODELS = ("baseline", "finetuned")
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _groups(rows: list[dict[str, Any]]) -> list[list[list[float]]]:

@@ -21,8 +21,8 @@ from pydantic import BaseModel, ConfigDict
 from spar.engines.base import Engine, TrainingClient
 from spar.spec import TrainingSpec
 from spar.stages.base import RunContext, StageKind, StageNode
-from spar.stages.dataset import load_rows, row_to_datum
-from spar.store import RunStore, jsonl_text
+from spar.stages.dataset import row_to_datum
+from spar.store import RunStore, jsonl_text, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +230,7 @@ class TrainStage(StageKind):
         assert spec is not None
         built = store.stage_dir(node.experiment, "dataset") / "train.jsonl"
         if upstream_fresh and built.exists():
-            per_epoch = sum(len(r["input"]) for r in load_rows(built))
+            per_epoch = sum(len(r["input"]) for r in read_jsonl(built))
         else:
             per_epoch = spec.data.docs.stat().st_size // 4
             if spec.training.max_length is not None:
@@ -241,7 +241,7 @@ class TrainStage(StageKind):
         from spar.engines import get_engine
 
         spec = ctx.spec
-        rows = load_rows(ctx.upstream_file("dataset", "train.jsonl"))
+        rows = read_jsonl(ctx.upstream_file("dataset", "train.jsonl"))
         engine = get_engine(spec.model.engine, ctx.store.scratch("engines", spec.model.engine))
         run_id = f"{spec.name}-{ctx.fingerprint[:12]}"
         workdir = ctx.store.scratch("train", ctx.fingerprint[:16])
