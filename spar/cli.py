@@ -1,6 +1,7 @@
-"""`spar plan | apply | show | plot | schema` — the only place that prints or sets up logging.
+"""spar — one YAML spec per fine-tuning-generalization experiment; only what changed runs.
 
-Exit codes: 0 success; 2 invalid input detected before any work; 1 a failure while running.
+The only module that prints or sets up logging. Exit codes: 0 success; 2 invalid input (spec,
+docs, template, missing file) found before any work, nothing written; 1 a failure while running.
 """
 
 from __future__ import annotations
@@ -12,15 +13,27 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from spar.errors import InputError, RunError
 from spar.store import RunStore, StoreError
 
 log = logging.getLogger("spar")
 
+EPILOG = """\
+examples:
+  spar plan experiments/demo.yaml          what would run, and why (nothing is written)
+  spar apply experiments/demo.yaml         run exactly what is not fresh
+  spar show experiments/demo.yaml experiments/demo-negative.yaml
+  spar gc experiments/*.yaml               cached outputs no listed spec uses (dry run)
+
+Outputs go to ./runs (or --runs-dir / $SPAR_RUNS_DIR): runs/<experiment>/<stage>/, a params
+file beside every output. Exit codes: 0 ok, 2 bad input (nothing written), 1 a run failed.
+"""
+
 
 def _load_plugins() -> None:
-    """`SPAR_PLUGINS=pkg.mod,other.mod`: modules that register extra engines or judges."""
+    """`SPAR_PLUGINS=pkg.mod,other.mod`: modules that register engines, judges or stage kinds."""
     for name in filter(None, os.environ.get("SPAR_PLUGINS", "").split(",")):
         try:
             importlib.import_module(name.strip())
@@ -32,11 +45,11 @@ def _runs_dir(args: argparse.Namespace) -> Path:
     return Path(args.runs_dir or os.environ.get("SPAR_RUNS_DIR") or "runs")
 
 
-def load_and_plan(paths: list[Path], store: RunStore) -> list:  # list[PlannedStage]
-    """Validate every spec completely (files, templates, docs lines) and plan; writes nothing."""
+def load_specs(paths: list[Path]) -> list[Any]:  # list[Spec]
+    """Load and validate every spec completely (names, files, templates); writes nothing."""
     from spar.engines import engine_names
     from spar.judges import judge_kinds, rubric
-    from spar.plan import plan_specs
+    from spar.models import check_local_model, check_renderer
     from spar.spec import load_spec
 
     specs = [load_spec(p) for p in paths]
@@ -51,10 +64,23 @@ def load_and_plan(paths: list[Path], store: RunStore) -> list:  # list[PlannedSt
                 f"{path}: judge.kind: unknown judge {spec.judge.kind!r} "
                 f"(available: {', '.join(judge_kinds()) or 'none'})"
             )
+        check_renderer(spec.model.renderer, str(path))
+        check_local_model(spec.model.base_model, str(path))
         rubric.validate(
             spec.judge.rubric, spec.judge.mode, spec.judge.scale.min, spec.judge.scale.max
         )
-    return plan_specs(specs, store)
+    return specs
+
+
+def load_and_plan(paths: list[Path], store: RunStore, flags: Any = None) -> list[Any]:
+    """Validate every spec (and every input's content) and plan; writes nothing."""
+    from spar.plan import plan_specs
+
+    specs = load_specs(paths)
+    for spec in specs:  # a compared spec is validated like one given
+        for other in spec.report.compare:
+            load_specs([other])
+    return plan_specs(specs, store, flags)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -62,14 +88,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     store = RunStore(_runs_dir(args))
     planned = load_and_plan(args.specs, store)
-    if store.root.exists():
-        store.hashes.save()
+    store.hashes.save()  # valid input: keep the hashes, even before the first apply
     if args.json:
         print(json.dumps([p.as_json() for p in planned], indent=2))
         return 0
     for p in planned:
         why = f"  ({'; '.join(p.reasons)})" if p.reasons else ""
-        print(f"{p.node.experiment:<24} {p.node.name:<18} {p.status}{why}")
+        then = "  -> restore from run cache" if p.action == "restore" else ""
+        print(f"{p.node.experiment:<24} {p.node.name:<18} {p.status}{why}{then}")
     for experiment, est in totals(planned).items():
         parts = ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in est.items())
         print(f"estimate for {experiment}: {parts}")
@@ -79,33 +105,57 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_apply(args: argparse.Namespace) -> int:
     from spar.apply import apply_plan
     from spar.plan import check_budget
+    from spar.stages.base import Flags
 
+    flags = Flags(retry_invalid=args.retry_invalid)
     store = RunStore(_runs_dir(args))
-    planned = load_and_plan(args.specs, store)  # everything validates before any work
+    planned = load_and_plan(args.specs, store, flags)  # everything validates before any work
     check_budget(planned, args.max_judge_calls)
     if all(p.status == "fresh" for p in planned):
-        if store.root.exists():
-            store.hashes.save()
+        store.hashes.save()
         print("nothing to do: every stage is fresh")
         return 0
     with store.lock(wait=args.lock_timeout):
-        planned = load_and_plan(args.specs, store)  # another apply may have finished meanwhile
+        planned = load_and_plan(args.specs, store, flags)  # another apply may have finished
         check_budget(planned, args.max_judge_calls)
-        ran = apply_plan(store, planned)
+        outcome = apply_plan(store, planned, flags)
         store.hashes.save()
-    for p in ran:
+    for p in outcome.ran:
         print(f"ran {p.node.experiment} / {p.node.name}")
-    if not ran:
+    for p in outcome.restored:
+        print(f"restored {p.node.experiment} / {p.node.name} (run cache)")
+    if not outcome.ran and not outcome.restored:
         print("nothing to do: every stage is fresh")
+    if outcome.incomplete:
+        parts = ", ".join(f"{k}: {n}" for k, n in outcome.incomplete.items())
+        print(
+            f"spar: incomplete: items ended in error ({parts}); `spar apply` again retries them",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
     from spar.show import format_table, show_rows
-    from spar.spec import load_spec
 
-    rows = show_rows([load_spec(p) for p in args.specs], RunStore(_runs_dir(args)))
+    store = RunStore(_runs_dir(args))
+    specs = load_specs(args.specs)
+    rows = show_rows(specs, store)
     print(json.dumps(rows, indent=2) if args.json else format_table(rows))
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from spar.gc import collect
+
+    store = RunStore(_runs_dir(args))
+    planned = load_and_plan(args.specs, store)
+    report = collect(store, {p.fingerprint for p in planned}, delete=args.yes)
+    for line in report.lines():
+        print(line)
+    if not args.yes and report.entries:
+        print("dry run: add --yes to delete")
     return 0
 
 
@@ -142,21 +192,42 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _common(p: argparse.ArgumentParser, top: bool) -> None:
+    """Options that work before or after the subcommand (`spar -v apply x` = `spar apply x -v`)."""
+    d: Any = None if top else argparse.SUPPRESS
+    p.add_argument(
+        "--debug", action="store_true", default=d or False, help="tracebacks, debug logs"
+    )
+    p.add_argument("-v", "--verbose", action="store_true", default=d or False, help="progress logs")
+    p.add_argument(
+        "--runs-dir", default=d, help="where outputs go (default ./runs, $SPAR_RUNS_DIR)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="spar", description=__doc__.splitlines()[0])
-    parser.add_argument("--debug", action="store_true", help="tracebacks and debug logs")
-    parser.add_argument("-v", "--verbose", action="store_true", help="info logs")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="spar",
+        description="Make the world match your experiment specs: build the dataset, fine-tune, "
+        "sample, judge, report — running only what changed.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _common(parser, top=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        _common(p, top=False)
+        return p
 
     def with_specs(p: argparse.ArgumentParser) -> None:
-        p.add_argument("specs", nargs="+", type=Path, metavar="SPEC")
-        p.add_argument("--runs-dir", help="where outputs go (default: ./runs or $SPAR_RUNS_DIR)")
+        p.add_argument("specs", nargs="+", type=Path, metavar="SPEC", help="experiment YAML")
 
-    p = sub.add_parser("plan", help="what is fresh, stale or missing, and why")
+    p = command("plan", "show what is fresh, stale or missing, and why (writes nothing)")
     with_specs(p)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="machine-readable rows")
     p.set_defaults(func=cmd_plan)
-    p = sub.add_parser("apply", help="run exactly the stages that are not fresh")
+    p = command("apply", "run exactly the stages that are not fresh")
     with_specs(p)
     p.add_argument(
         "--lock-timeout",
@@ -170,18 +241,27 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="refuse to start if any judge stage would make more calls (see `spar plan`)",
     )
+    p.add_argument(
+        "--retry-invalid",
+        action="store_true",
+        help="ask the judge again for every verdict recorded as invalid",
+    )
     p.set_defaults(func=cmd_apply)
-    p = sub.add_parser("show", help="compare experiments: differing params + effects with CIs")
+    p = command("show", "compare experiments: differing params + effects with CIs")
     with_specs(p)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="machine-readable rows")
     p.set_defaults(func=cmd_show)
-    p = sub.add_parser("plot", help="overlay judged.jsonl files in one chart by tier")
+    p = command("gc", "delete cached outputs that none of the given specs uses")
+    with_specs(p)
+    p.add_argument("--yes", action="store_true", help="really delete (default: a dry run)")
+    p.set_defaults(func=cmd_gc)
+    p = command("plot", "overlay judged.jsonl files in one chart by tier")
     p.add_argument("results", nargs="+", type=Path, metavar="JUDGED_JSONL")
     p.add_argument("--labels", nargs="+", help="one label per file (default: its directory)")
     p.add_argument("--output", type=Path, default=Path("comparison.png"))
     p.add_argument("--title")
     p.set_defaults(func=cmd_plot)
-    p = sub.add_parser("schema", help="print the spec's JSON Schema")
+    p = command("schema", "print the spec's JSON Schema")
     p.set_defaults(func=cmd_schema)
     return parser
 

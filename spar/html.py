@@ -32,22 +32,26 @@ def answer_rows(
     samples_tuned: list[dict[str, Any]],
     judged: list[dict[str, Any]],
 ) -> list[dict[str, Any]]:
-    """One row per (question, sample): both answers side by side with their verdicts."""
-    base = {(r["question"], r["sample_index"]): r["response"] for r in samples_base}
-    verdicts: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
+    """One row per item (question, sample): both answers side by side with their verdicts."""
+    base = {r["item_id"]: r["response"] for r in samples_base}
+    verdicts: dict[str, dict[str, dict[str, Any]]] = {}
     for j in judged:
-        verdicts.setdefault((j["question"], j["sample_index"]), {})[j["model"]] = j
+        verdicts.setdefault(j["item_id"], {})[j["model"]] = j
     rows = []
     for r in samples_tuned:
-        key = (r["question"], r["sample_index"])
+        key = r["item_id"]
         vs = verdicts.get(key, {})
         labelled = len(vs) > 1
-        scores = [(f"{m}: " if labelled else "", v["score"]) for m, v in sorted(vs.items())]
+        scores = [
+            (f"{m}: " if labelled else "", v["score"] if v["status"] == "ok" else v["status"])
+            for m, v in sorted(vs.items())
+        ]
         reasons = [(f"{m}: " if labelled else "", v["reasoning"]) for m, v in sorted(vs.items())]
         tuned = vs.get("finetuned")
         filter_score = "invalid" if tuned is None or tuned["score"] is None else tuned["score"]
         rows.append(
             {
+                "item_id": key,
                 "tier": r["tier"],
                 "question": r["question"],
                 "sample_index": r["sample_index"],
@@ -61,9 +65,17 @@ def answer_rows(
     return rows
 
 
-def render_report(summary: dict[str, Any], plot_png: bytes, rows: list[dict[str, Any]]) -> str:
+def render_report(
+    summary: dict[str, Any],
+    plot_png: bytes,
+    rows: list[dict[str, Any]],
+    experiment: str,
+    framing: str,
+) -> str:
     return _ENV.get_template("report.html.j2").render(
         s=summary,
+        experiment=experiment,
+        framing=framing,
         tiers=tier_order(list(summary["tiers"])),
         rows=rows,
         plot_b64=base64.b64encode(plot_png).decode(),

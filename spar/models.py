@@ -8,16 +8,18 @@
 
 from __future__ import annotations
 
+import ast
 import functools
 import importlib.util
+import json
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
-from spar.errors import RunError
-from spar.store import hash_path
+from spar.errors import InputError, RunError
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +106,10 @@ def _convert_gguf(gguf: Path, dest: Path) -> None:
 
 
 def smollm2_dir() -> Path:
+    # imported here: the store imports this module (model_files), and this keeps `spar plan`'s
+    # checks free of the store's imports
+    from spar.store import hash_path
+
     gguf = smollm2_gguf()
     dest = cache_dir() / "models" / f"SmolLM2-135M-Instruct-{hash_path(gguf)[:16]}"
     if not (dest / "config.json").exists():
@@ -141,3 +147,121 @@ def load_renderer(renderer: str, base_model: str) -> Any:
     from tinker_cookbook.renderers import get_renderer
 
     return get_renderer(renderer, load_tokenizer(base_model), model_name=base_model)
+
+
+# ------------------------------------------------------------------------------ validation
+# Checks `spar plan` runs before any work. None of them imports torch or transformers.
+
+
+@functools.cache
+def _builtin_renderer_names() -> tuple[str, ...]:
+    """The names tinker-cookbook's `get_renderer` dispatches on, read from its source.
+
+    Importing `tinker_cookbook.renderers` imports tinker, which imports torch (over a second),
+    and the package has no list of its built-in names: `get_renderer` is an if/elif chain of
+    `name == "..."` tests. So the installed source of that function is parsed, never run;
+    the package itself is located with `find_spec`, which does not import it either.
+    """
+    found = importlib.util.find_spec("tinker_cookbook")
+    if found is None or not found.submodule_search_locations:
+        return ()
+    source = Path(next(iter(found.submodule_search_locations))) / "renderers" / "__init__.py"
+    try:
+        tree = ast.parse(source.read_text(encoding="utf-8"), filename=str(source))
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return ()
+    func = next(
+        (n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "get_renderer"),
+        None,
+    )
+    if func is None or not func.args.args:
+        return ()
+    param = func.args.args[0].arg  # `name`
+    names: list[str] = []
+    for node in ast.walk(func):
+        if (
+            isinstance(node, ast.Compare)
+            and isinstance(node.left, ast.Name)
+            and node.left.id == param
+            and len(node.ops) == 1
+            and isinstance(node.ops[0], ast.Eq)
+            and isinstance(node.comparators[0], ast.Constant)
+            and isinstance(node.comparators[0].value, str)
+        ):
+            names.append(node.comparators[0].value)
+    return tuple(dict.fromkeys(names))
+
+
+def renderer_names() -> list[str]:
+    """The renderer names `tinker_cookbook.renderers.get_renderer` accepts, sorted.
+
+    The built-in names come from the installed source (see `_builtin_renderer_names`); names a
+    plugin registered with `register_renderer` are added when that module is already imported
+    (a plugin that registers one has imported it).
+    """
+    names = set(_builtin_renderer_names())
+    loaded = sys.modules.get("tinker_cookbook.renderers")
+    if loaded is not None:
+        names.update(getattr(loaded, "get_registered_renderer_names", list)())
+    return sorted(names)
+
+
+def check_renderer(name: str, where: str) -> None:
+    """InputError unless `name` is a renderer tinker-cookbook knows."""
+    names = renderer_names()
+    if name not in names:
+        raise InputError(
+            f"{where}: model.renderer: unknown renderer {name!r} "
+            f"(available: {', '.join(names) or 'none: is tinker-cookbook installed?'})"
+        )
+
+
+def check_local_model(base_model: str, where: str) -> Path | None:
+    """The directory of a path-like base_model after checking it is a Hugging Face model
+    directory, or None for a model name (the spec loader has made relative paths absolute)."""
+    p = Path(base_model)
+    if not p.is_absolute():
+        return None
+    field = f"{where}: model.base_model: {p}"
+    if not p.exists():
+        raise InputError(f"{field}: directory not found")
+    if not p.is_dir():
+        raise InputError(f"{field}: not a directory (expected a Hugging Face model directory)")
+    config = p / "config.json"
+    if not config.is_file():
+        raise InputError(f"{field}: not a Hugging Face model directory (no config.json)")
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        detail = f"line {e.lineno}: {e.msg}" if isinstance(e, json.JSONDecodeError) else "not UTF-8"
+        raise InputError(f"{field}: config.json is not valid JSON ({detail})") from None
+    return p
+
+
+_SKIP_DIRS = frozenset({"__pycache__"})
+
+
+def model_files(dir: Path) -> list[Path]:
+    """The files whose content identifies a local model directory, sorted.
+
+    Every regular file under `dir` (config, generation config, tokenizer files, weights, chat
+    templates, anything else the loader may read), following symlinks (a Hugging Face cache
+    snapshot is symlinks into blobs/), except hidden files and directories (`.cache/`, `.git/`,
+    `.locks/`, `.DS_Store`) and `__pycache__/`.
+    """
+    if not dir.is_dir():
+        raise InputError(f"{dir}: model directory not found")
+    files: list[Path] = []
+    seen: set[Path] = set()
+    for root, dirs, names in os.walk(dir, followlinks=True):
+        real = Path(root).resolve()
+        if real in seen:  # a symlink loop
+            dirs.clear()
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in _SKIP_DIRS)
+        for n in names:
+            f = Path(root) / n
+            if not n.startswith(".") and f.is_file():
+                files.append(f)
+    return sorted(files, key=lambda f: f.relative_to(dir).as_posix())

@@ -1,107 +1,61 @@
-"""Spec -> stage graph; fingerprints; fresh / stale / missing with reasons.
+"""Spec -> stage graph (from the registered stage kinds); fingerprints; fresh / stale / missing.
 
-fingerprint(stage) = hash(stage kind, stage version, canonical JSON of exactly the parameters
-that change its result, content hashes of its input files, upstream fingerprints).
+fingerprint(stage) = hash(stage kind, stage version, canonical JSON of the stage's params model,
+content hashes of its input files, upstream fingerprints). A stage that is not fresh is restored
+from the run cache when a stage with its fingerprint ran before (here or in any experiment).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from spar.errors import InputError
 from spar.spec import Spec
-from spar.stages.base import StageNode, pick
-from spar.stages.dataset import DatasetStage
-from spar.stages.judge import JudgeStage
-from spar.stages.plot import PlotStage
-from spar.stages.report import ReportStage
-from spar.stages.sample import SampleStage
-from spar.stages.train import TrainStage
-from spar.store import RunStore, hash_json, read_params
+from spar.stages import stage_kinds
+from spar.stages.base import Flags, GraphContext, StageNode
+from spar.stages.plot import label
+from spar.store import ParamsRecord, RunStore, hash_json, read_params
 
 Status = Literal["fresh", "stale", "missing"]
-
-# Spec keys that never enter a fingerprint (labels, styling, concurrency, paths whose *content*
-# is hashed instead). Every other leaf of a spec is a parameter of some stage; a test pins this.
-COSMETIC_KEYS: tuple[str, ...] = (
-    "name",
-    "description",
-    "framing",
-    "data.docs",
-    "eval.questions",
-    "eval.concurrency",
-    "judge.rubric",
-    "judge.concurrency",
-    "judge.batch",
-    "training.save_every",
-    "report.compare",  # the compared experiments enter as upstream fingerprints instead
-    "judge.max_calls",  # a budget check before apply, not a parameter of any result
-)
-
-DATASET, TRAIN, SAMPLE, JUDGE, REPORT, PLOT = (
-    DatasetStage(),
-    TrainStage(),
-    SampleStage(),
-    JudgeStage(),
-    ReportStage(),
-    PlotStage(),
-)
+Action = Literal["none", "run", "restore"]
 
 
-def build_graph(spec: Spec, compare: tuple[str, ...] = ()) -> list[StageNode]:
-    """The pipeline of one spec, in dependency order. `compare`: names of the experiments whose
-    report the plot stage overlays (their graphs must come earlier in the plan)."""
-
-    def node(name: str, kind: Any, upstream: tuple[str, ...] = (), **inputs: Path) -> StageNode:
-        return StageNode(
-            name=name,
-            kind=kind,
-            experiment=spec.name,
-            params=pick(spec, *kind.param_keys),
-            inputs={k.replace("__", "."): v for k, v in inputs.items()},
-            upstream=upstream,
-            spec=spec,
-        )
-
-    return [
-        node("dataset", DATASET, data__docs=spec.data.docs),
-        node("train", TRAIN, ("dataset",)),
-        node("sample_base", SAMPLE),
-        node("sample_finetuned", SAMPLE, ("train",)),
-        node("judge", JUDGE, ("sample_base", "sample_finetuned"), judge__rubric=spec.judge.rubric),
-        node("report", REPORT, ("judge",)),
-        node(
-            "plot",
-            PLOT,
-            (
-                "report",
-                "judge",
-                "sample_base",
-                "sample_finetuned",
-                *(f"{c}/report" for c in compare),
-            ),
-        ),
-    ]
+def build_graph(
+    spec: Spec, store: RunStore, compared: tuple[tuple[str, str], ...] = ()
+) -> list[StageNode[Any, Any]]:
+    """The pipeline of one spec, in dependency order: every registered stage kind's nodes.
+    `compared`: (name, label) of the experiments whose report the plot stage overlays."""
+    g = GraphContext(store=store, compared=compared)
+    nodes: list[StageNode[Any, Any]] = []
+    for kind in stage_kinds():
+        nodes += kind.nodes(spec, g)
+    return nodes
 
 
-def upstream_key(experiment: str, upstream: str) -> tuple[str, str]:
+def upstream_key(experiment: str, ref: str) -> tuple[str, str]:
     """`stage` is a stage of the same experiment; `other/stage` one of another experiment."""
-    exp, _, stage = upstream.rpartition("/")
+    exp, _, stage = ref.rpartition("/")
     return (exp or experiment, stage)
 
 
 @dataclass
 class PlannedStage:
-    node: StageNode
+    node: StageNode[Any, Any]
     fingerprint: str
     status: Status
     reasons: list[str]
     input_hashes: dict[str, str]
-    upstream_fps: dict[str, str]
+    upstream_fps: dict[str, str]  # role -> fingerprint
     output_dir: Path
+    action: Action = "none"
     estimate: dict[str, int] | None = None
+    records: dict[str, ParamsRecord] = field(default_factory=dict)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.node.experiment, self.node.name)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -109,16 +63,19 @@ class PlannedStage:
             "stage": self.node.name,
             "status": self.status,
             "reasons": self.reasons,
+            "action": self.action,
             "estimate": self.estimate,
         }
 
 
-def fingerprint(node: StageNode, input_hashes: dict[str, str], upstream_fps: dict[str, str]) -> str:
+def fingerprint(
+    node: StageNode[Any, Any], input_hashes: dict[str, str], upstream_fps: dict[str, str]
+) -> str:
     return hash_json(
         {
             "kind": node.kind.kind,
             "version": node.kind.version,
-            "params": node.params,
+            "params": node.params.dump(),
             "inputs": input_hashes,
             "upstream": upstream_fps,
         }
@@ -142,96 +99,134 @@ def _show(v: Any) -> str:
     return s if len(s) <= 60 else s[:57] + "..."
 
 
+def _list_change(key: str, old: list[Any], new: list[Any]) -> str:
+    """A list parameter's change in words (questions: which tiers gained or lost questions)."""
+    if all(isinstance(x, dict) and "tier" in x for x in [*old, *new]):
+        olds = {hash_json(x) for x in old}
+        news = {hash_json(x) for x in new}
+        tiers: dict[str, list[int]] = {}
+        for x in old:
+            if hash_json(x) not in news:
+                tiers.setdefault(x["tier"], [0, 0])[1] += 1
+        for x in new:
+            if hash_json(x) not in olds:
+                tiers.setdefault(x["tier"], [0, 0])[0] += 1
+        parts = [f"{t}: {a} added, {r} removed" for t, (a, r) in tiers.items()]
+        return f"{key}: {', '.join(parts) or 'reordered'}"
+    return f"{key}: {_show(old)} -> {_show(new)}"
+
+
 def diff_reasons(
-    node: StageNode,
-    old_params: dict[str, Any],
-    old_inputs: dict[str, str],
-    old_upstream: dict[str, str],
-    old_version: int,
-    input_hashes: dict[str, str],
-    upstream_fps: dict[str, str],
+    planned: PlannedStage, rec: ParamsRecord, upstream_fps: dict[str, str]
 ) -> list[str]:
+    node = planned.node
     reasons: list[str] = []
-    if old_version != node.kind.version:
-        reasons.append(f"stage version {old_version} -> {node.kind.version}")
-    old, new = flatten(old_params), flatten(node.params)
+    if rec.stage_version != node.kind.version:
+        reasons.append(f"stage version {rec.stage_version} -> {node.kind.version}")
+    old, new = flatten(rec.params), flatten(node.params.dump())
     for key in sorted(old.keys() | new.keys()):
-        if old.get(key, "<unset>") != new.get(key, "<unset>"):
-            reasons.append(
-                f"{key}: {_show(old.get(key, '<unset>'))} -> {_show(new.get(key, '<unset>'))}"
-            )
-    for key in sorted(old_inputs.keys() | input_hashes.keys()):
-        if old_inputs.get(key) != input_hashes.get(key):
+        a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
+        if a != b:
+            if isinstance(a, list) and isinstance(b, list):
+                reasons.append(_list_change(key, a, b))
+            else:
+                reasons.append(f"{key}: {_show(a)} -> {_show(b)}")
+    for key in sorted(rec.inputs.keys() | planned.input_hashes.keys()):
+        if rec.inputs.get(key) != planned.input_hashes.get(key):
             reasons.append(f"{key} content changed")
-    for name in node.upstream:
-        if old_upstream.get(name) != upstream_fps.get(name):
-            reasons.append(f"upstream {name} changed")
+    for role in node.upstream:
+        if rec.upstream.get(role, {}).get("fingerprint") != upstream_fps.get(role):
+            reasons.append(f"upstream {node.upstream[role]} changed")
     return reasons or ["fingerprint changed"]
 
 
-def plan_nodes(nodes: list[StageNode], store: RunStore) -> list[PlannedStage]:
-    """Status of every node. Nodes must be in dependency order within each experiment."""
-    planned: list[PlannedStage] = []
-    fps: dict[tuple[str, str], str] = {}
-    status_of: dict[tuple[str, str], Status] = {}
-    for node in nodes:
-        input_hashes: dict[str, str] = {}
-        for key, path in node.inputs.items():
-            check = node.kind.line_check(node, key)
-            if check is None:
-                input_hashes[key] = store.hashes.hash_file(path)
-            else:
-                input_hashes[key] = store.hashes.hash_file(path, check[1], check[0])
-        upstream_fps = {u: fps[upstream_key(node.experiment, u)] for u in node.upstream}
-        fp = fingerprint(node, input_hashes, upstream_fps)
-        fps[(node.experiment, node.name)] = fp
-        out_dir = store.stage_dir(node.experiment, node.name)
-        status, reasons = _status(node, fp, out_dir, store, input_hashes, upstream_fps)
-        status_of[(node.experiment, node.name)] = status
-        estimate = None
-        if status != "fresh":
-            up_fresh = all(
-                status_of[upstream_key(node.experiment, u)] == "fresh" for u in node.upstream
-            )
-            estimate = node.kind.estimate(node, store, up_fresh) or None
-        planned.append(
-            PlannedStage(node, fp, status, reasons, input_hashes, upstream_fps, out_dir, estimate)
-        )
-    return planned
-
-
-def _status(
-    node: StageNode,
-    fp: str,
-    out_dir: Path,
+def evaluate(
+    planned: PlannedStage,
     store: RunStore,
-    input_hashes: dict[str, str],
-    upstream_fps: dict[str, str],
+    current: dict[tuple[str, str], dict[str, ParamsRecord]],
+    flags: Flags | None = None,
 ) -> tuple[Status, list[str]]:
-    records = [(name, read_params(out_dir / name)) for name in node.outputs]
-    missing = [name for name, rec in records if rec is None or not (out_dir / name).exists()]
+    """Fresh, stale or missing, and why — from the outputs and params files on disk now.
+    `current`: the params records of stages already evaluated (for upstream output checks)."""
+    node, out_dir = planned.node, planned.output_dir
+    records = {name: read_params(out_dir / name) for name in node.outputs}
+    missing = [n for n, rec in records.items() if rec is None or not (out_dir / n).exists()]
     if missing:
         return "missing", [f"output missing: {', '.join(missing)}"]
-    for name, rec in records:
-        assert rec is not None
-        if rec.fingerprint != fp:
-            return "stale", diff_reasons(
-                node,
-                rec.params,
-                {k: v for k, v in rec.inputs.items()},
-                {k: v["fingerprint"] for k, v in rec.upstream.items()},
-                rec.stage_version,
-                input_hashes,
-                upstream_fps,
-            )
+    recs = {n: r for n, r in records.items() if r is not None}
+    planned.records = recs
+    for name, rec in recs.items():
+        if rec.fingerprint != planned.fingerprint:
+            return "stale", diff_reasons(planned, rec, planned.upstream_fps)
         if store.output_hash(out_dir / name) != rec.output_hash:
             return "stale", [f"output {name} changed on disk"]
+    first = next(iter(recs.values()))
+    if not first.complete:
+        errors = first.details.get("error", 0)
+        why = f"{errors} items ended in error" if errors else "an upstream stage was incomplete"
+        return "stale", [f"incomplete: {why}; apply runs it again"]
+    for role, ref in node.upstream.items():
+        up = current.get(upstream_key(node.experiment, ref), {})
+        seen = first.upstream.get(role, {})
+        for out_name, up_rec in up.items():
+            if out_name in seen and seen[out_name] != up_rec.output_hash:
+                return "stale", [f"upstream {ref} output {out_name} changed"]
+    if flags is not None and flags.retry_invalid and first.details.get("invalid", 0):
+        return "stale", [f"--retry-invalid: {first.details['invalid']} invalid verdicts"]
     return "fresh", []
 
 
-def with_compared(specs: list[Spec]) -> tuple[list[Spec], dict[str, tuple[str, ...]]]:
+def plan_nodes(
+    nodes: list[StageNode[Any, Any]], store: RunStore, flags: Flags | None = None
+) -> list[PlannedStage]:
+    """Status of every node (in dependency order). Validates each stage's inputs first."""
+    planned: list[PlannedStage] = []
+    fps: dict[tuple[str, str], str] = {}
+    by_key: dict[tuple[str, str], PlannedStage] = {}
+    current: dict[tuple[str, str], dict[str, ParamsRecord]] = {}
+    will_run: set[str] = set()
+    for node in nodes:
+        input_hashes: dict[str, str] = {}
+        counts: dict[str, int] = {}
+        for key, inp in node.inputs.items():
+            if inp.files is not None:
+                input_hashes[key] = store.hashes.hash_dir(inp.path, list(inp.files))
+            elif inp.check is not None:
+                input_hashes[key], counts[key] = store.hashes.hash_checked(
+                    inp.path, inp.check[1], inp.check[0]
+                )
+            else:
+                input_hashes[key] = store.hashes.hash_file(inp.path)
+        node.kind.check(node, counts)
+        upstream_fps = {r: fps[upstream_key(node.experiment, u)] for r, u in node.upstream.items()}
+        fp = fingerprint(node, input_hashes, upstream_fps)
+        key = (node.experiment, node.name)
+        fps[key] = fp
+        out_dir = store.stage_dir(node.experiment, node.name)
+        p = PlannedStage(node, fp, "missing", [], input_hashes, upstream_fps, out_dir)
+        p.status, p.reasons = evaluate(p, store, current, flags)
+        current[key] = p.records if p.status == "fresh" else {}
+        if p.status != "fresh":
+            retry = flags is not None and flags.retry_invalid and node.kind.kind == "judge"
+            cached = not retry and (fp in will_run or store.cache.lookup(fp) is not None)
+            p.action = "restore" if cached else "run"
+            if p.action == "run":
+                will_run.add(fp)
+                up_fresh = all(
+                    by_key[upstream_key(node.experiment, u)].status == "fresh"
+                    for u in node.upstream.values()
+                )
+                p.estimate = node.kind.estimate(node, store, up_fresh) or None
+        by_key[key] = p
+        planned.append(p)
+    return planned
+
+
+def with_compared(
+    specs: list[Spec],
+) -> tuple[list[Spec], dict[str, tuple[tuple[str, str], ...]]]:
     """The specs given plus every spec their `report.compare` lists (each loaded once), and for
-    each experiment the names of the experiments it compares itself with."""
+    each experiment the (name, label) of the experiments it compares itself with."""
     from spar.spec import load_spec
 
     out: dict[str, Spec] = {}
@@ -251,19 +246,25 @@ def with_compared(specs: list[Spec]) -> tuple[list[Spec], dict[str, tuple[str, .
                     out[other.name] = other
                     queue.append(other)
     compared = {
-        s.name: tuple(n for n in dict.fromkeys(names[p] for p in s.report.compare) if n != s.name)
+        s.name: tuple(
+            (n, label(n, out[n].framing))
+            for n in dict.fromkeys(names[p] for p in s.report.compare)
+            if n != s.name
+        )
         for s in out.values()
     }
     return list(out.values()), compared
 
 
-def plan_specs(specs: list[Spec], store: RunStore) -> list[PlannedStage]:
+def plan_specs(
+    specs: list[Spec], store: RunStore, flags: Flags | None = None
+) -> list[PlannedStage]:
     every, compared = with_compared(specs)
-    graphs = [build_graph(s, compared[s.name]) for s in every]
-    # every report before any plot: a plot stage may read another experiment's report
-    nodes = [n for g in graphs for n in g if n.name != "plot"]
-    nodes += [n for g in graphs for n in g if n.name == "plot"]
-    return plan_nodes(nodes, store)
+    graphs = [build_graph(s, store, compared[s.name]) for s in every]
+    # a stage reading another experiment's output (compare) comes after all the others
+    local = [n for g in graphs for n in g if all("/" not in u for u in n.upstream.values())]
+    cross = [n for g in graphs for n in g if any("/" in u for u in n.upstream.values())]
+    return plan_nodes([*local, *cross], store, flags)
 
 
 def totals(plan: list[PlannedStage]) -> dict[str, dict[str, int]]:
@@ -280,15 +281,15 @@ def check_budget(plan: list[PlannedStage], max_judge_calls: int | None) -> None:
     """Refuse (before any work) when more judge calls are due than a budget allows."""
     for p in plan:
         calls = (p.estimate or {}).get("judge_calls", 0)
-        spec_limit = p.node.spec.judge.max_calls if p.node.spec is not None else None
-        for label, limit in (
+        spec_limit = getattr(p.node.options, "max_calls", None)
+        for label_, limit in (
             (f"--max-judge-calls {max_judge_calls}", max_judge_calls),
             (f"{p.node.experiment}: judge.max_calls {spec_limit}", spec_limit),
         ):
             if limit is not None and calls > limit:
                 raise InputError(
-                    f"{label}: {p.node.experiment}/{p.node.name} would make {calls} judge calls"
+                    f"{label_}: {p.node.experiment}/{p.node.name} would make {calls} judge calls"
                 )
 
 
-__all__ = ["COSMETIC_KEYS", "PlannedStage", "build_graph", "plan_nodes", "plan_specs"]
+__all__ = ["PlannedStage", "build_graph", "evaluate", "plan_nodes", "plan_specs"]

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import io
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import matplotlib
 
@@ -11,7 +12,21 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
-from spar.spec import PlotSpec
+
+class Style(Protocol):
+    """Plot styling (the spec's `report.plot`, or the plot stage's parameters)."""
+
+    @property
+    def title(self) -> str | None: ...
+    @property
+    def colors(self) -> Sequence[str]: ...
+    @property
+    def dpi(self) -> int: ...
+    @property
+    def width(self) -> float: ...
+    @property
+    def height(self) -> float: ...
+
 
 SEMANTIC_TIERS = ("direct", "close", "distant", "very_distant")
 
@@ -45,16 +60,14 @@ def _bars(
     ax.legend()
 
 
-def _caption(fig: Figure, invalid: int) -> None:
-    text = (
-        f"{invalid} invalid verdicts (excluded from every mean)"
-        if invalid
-        else "0 invalid verdicts"
-    )
+def _caption(fig: Figure, invalid: int, errors: int = 0) -> None:
+    text = f"{invalid} invalid verdicts, {errors} judge errors"
+    if invalid or errors:
+        text += " (excluded from every mean)"
     fig.text(0.01, 0.005, text, fontsize=8)
 
 
-def experiment_figure(summary: dict[str, Any], style: PlotSpec, title: str) -> Figure:
+def experiment_figure(summary: dict[str, Any], style: Style, title: str) -> Figure:
     """Per-tier mean score with CI whiskers: baseline vs fine-tuned (or pairwise scores)."""
     tiers = tier_order(list(summary["tiers"]))
     fig, ax = plt.subplots(figsize=(style.width, style.height))
@@ -67,7 +80,7 @@ def experiment_figure(summary: dict[str, Any], style: PlotSpec, title: str) -> F
     mode = summary["judge_mode"]
     ax.set_ylabel("mean score vs baseline (pairwise)" if mode == "pairwise" else "mean judge score")
     ax.set_title(style.title or title)
-    _caption(fig, summary["invalid"])
+    _caption(fig, summary["invalid"], summary.get("errors", 0))
     return fig
 
 
@@ -77,7 +90,7 @@ def effect(summary: dict[str, Any], tier: str) -> dict[str, Any]:
     return per["delta"] if "delta" in per else per["finetuned"]
 
 
-def compare_figure(summaries: list[dict[str, Any]], labels: list[str], style: PlotSpec) -> Figure:
+def compare_figure(summaries: list[dict[str, Any]], labels: list[str], style: Style) -> Figure:
     """Several experiments overlaid: one series per experiment, tiers in semantic order."""
     tiers = tier_order(list(dict.fromkeys(t for s in summaries for t in s["tiers"])))
     fig, ax = plt.subplots(figsize=(style.width, style.height))
@@ -94,11 +107,11 @@ def compare_figure(summaries: list[dict[str, Any]], labels: list[str], style: Pl
         "fine-tuned − baseline (paired)" if modes == {"absolute"} else "effect (mean score)"
     )
     ax.set_title(style.title or "effect by tier")
-    _caption(fig, sum(s["invalid"] for s in summaries))
+    _caption(fig, sum(s["invalid"] for s in summaries), sum(s.get("errors", 0) for s in summaries))
     return fig
 
 
-def judged_figure(runs: list[tuple[str, list[dict[str, Any]]]], style: PlotSpec) -> Figure:
+def judged_figure(runs: list[tuple[str, list[dict[str, Any]]]], style: Style) -> Figure:
     """`spar plot`: mean fine-tuned score by tier for several judged.jsonl files, overlaid."""
     from spar.stats import estimate
 

@@ -10,14 +10,26 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from spar.errors import InputError
+from spar.items import Question
+from spar.specfile import read_yaml
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def cosmetic(default: Any, why: str, **kw: Any) -> Any:
+    """A spec field in no fingerprint and no item key (labels, paths whose content is hashed
+    instead, concurrency, budgets). `why` says so in the schema; the partition test reads it."""
+    return Field(default, json_schema_extra={"cosmetic": why}, **kw)
+
+
+def is_cosmetic(model: type[BaseModel], field: str) -> str | None:
+    extra = model.model_fields[field].json_schema_extra
+    return extra.get("cosmetic") if isinstance(extra, dict) else None  # type: ignore[return-value]
 
 
 class ModelSpec(Strict):
@@ -30,7 +42,9 @@ class ModelSpec(Strict):
 
 
 class DataSpec(Strict):
-    docs: Path = Field(description="JSONL of training documents (relative to the spec file)")
+    docs: Path = cosmetic(
+        ..., "its content is hashed, not its path", description="JSONL of training documents"
+    )
     format: Literal["synth_docs", "chat"] = "synth_docs"
     condition_on: Literal["doc_idea", "none"] = Field(
         "doc_idea", description="synth_docs: user turn is doc_idea + doc_type (masked), or empty"
@@ -48,7 +62,9 @@ class TrainingSpec(Strict):
     epochs: int = Field(1, ge=1)
     max_length: int | None = Field(2048, ge=8)
     seed: int = 0
-    save_every: int = Field(20, ge=0, description="save_state every N steps (0: only at the end)")
+    save_every: int = cosmetic(
+        20, "resume points only", ge=0, description="save_state every N steps (0: only at end)"
+    )
 
 
 class SamplingSpec(Strict):
@@ -62,11 +78,13 @@ class EvalSpec(Strict):
     tiers: dict[str, list[str]] | None = Field(
         None, description="tier -> questions, in semantic order (direct ... very_distant)"
     )
-    questions: Path | None = Field(None, description='JSONL of {"tier", "question"}')
+    questions: Path | None = cosmetic(
+        None, "its questions are parameters", description='JSONL of {"tier", "question"}'
+    )
     samples_per_question: int = Field(1, ge=1)
     sampling: SamplingSpec = SamplingSpec()
     system_prompt: str | None = None
-    concurrency: int = Field(32, ge=1, description="requests in flight (not in any fingerprint)")
+    concurrency: int = cosmetic(32, "requests in flight", ge=1)
 
     @field_validator("tiers")
     @classmethod
@@ -80,6 +98,14 @@ class EvalSpec(Strict):
                 raise ValueError(f"tier {tier!r} has no questions")
             if any(not q.strip() for q in qs):
                 raise ValueError(f"tier {tier!r} has an empty question")
+        seen: dict[str, str] = {}
+        for tier, qs in v.items():
+            for i, q in enumerate(qs):
+                if q in seen:
+                    raise ValueError(
+                        f"{tier}[{i}]: question given twice (also in tier {seen[q]!r}): {q[:60]!r}"
+                    )
+                seen[q] = tier
         return v
 
     @model_validator(mode="after")
@@ -103,21 +129,29 @@ class ScaleSpec(Strict):
 class JudgeSpec(Strict):
     kind: str = Field("anthropic", description="anthropic | embedding")
     model: str = "claude-sonnet-4-6"
-    rubric: Path = Field(description="Jinja template of the judge prompt (relative to the spec)")
+    rubric: Path = cosmetic(
+        ..., "its content is hashed, not its path", description="Jinja template of the prompt"
+    )
     mode: Literal["pairwise", "absolute"] = "pairwise"
     scale: ScaleSpec = ScaleSpec()
     max_tokens: int = Field(1024, ge=1)
-    temperature: float = Field(0.0, ge=0)
-    concurrency: int = Field(8, ge=1, description="requests in flight (not in any fingerprint)")
+    temperature: float = Field(
+        0.0, ge=0, description="sent only by judges that take it (anthropic: not sent)"
+    )
+    concurrency: int = cosmetic(8, "requests in flight", ge=1)
     max_reasks: int = Field(
         2, ge=0, description="re-asks of an unparseable or out-of-range answer before `invalid`"
     )
-    batch: bool = Field(
+    batch: bool = cosmetic(
         False,
-        description="anthropic: use the Message Batches API (half price, same verdicts; cosmetic)",
+        "same verdicts",
+        description="anthropic: use the Message Batches API (half price, same verdicts)",
     )
-    max_calls: int | None = Field(
-        None, ge=0, description="budget: `apply` refuses to start if more judge calls are due"
+    max_calls: int | None = cosmetic(
+        None,
+        "a budget checked before apply",
+        ge=0,
+        description="budget: `apply` refuses to start if more judge calls are due",
     )
 
 
@@ -141,14 +175,16 @@ class ReportSpec(Strict):
     exhibits_threshold: int = Field(3, description="a score >= this counts as exhibiting")
     bootstrap: BootstrapSpec = BootstrapSpec()
     compare: list[Path] = Field(
-        [], description="other specs whose effects are overlaid in this experiment's compare.png"
+        [],
+        description="other specs whose effects are overlaid in this experiment's compare.png "
+        "(their reports are upstream of this plot stage; their paths are not hashed)",
     )
     plot: PlotSpec = PlotSpec()
 
 
 class Spec(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="run directory name")
-    description: str = ""
+    description: str = cosmetic("", "appears in no output")
     framing: str = Field("", description="label for plots and tables, e.g. neutral / negative")
     model: ModelSpec = ModelSpec()
     data: DataSpec
@@ -157,10 +193,10 @@ class Spec(Strict):
     judge: JudgeSpec
     report: ReportSpec = ReportSpec()
 
-    def questions(self) -> list[tuple[str, str]]:
-        """(tier, question) pairs in order; `load_spec` always fills `eval.tiers`."""
+    def questions(self) -> list[Question]:
+        """The eval questions in order; `load_spec` always fills `eval.tiers`."""
         assert self.eval.tiers is not None
-        return [(t, q) for t, qs in self.eval.tiers.items() for q in qs]
+        return [Question.of(t, (q,)) for t, qs in self.eval.tiers.items() for q in qs]
 
 
 # --------------------------------------------------------------------------- loading
@@ -172,23 +208,6 @@ PATH_KEYS: tuple[tuple[str, ...], ...] = (
     ("judge", "rubric"),
     ("model", "base_model"),
 )
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        raise InputError(f"{path}: file not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark is not None else "YAML"
-        problem = getattr(e, "problem", None) or "invalid YAML"
-        raise InputError(f"{path}: {where}: {problem}") from None
-    if raw is None:
-        raise InputError(f"{path}: empty file (expected a mapping of spec fields)")
-    if not isinstance(raw, dict):
-        raise InputError(f"{path}: top level must be a mapping, got a {type(raw).__name__}")
-    return raw
 
 
 def _resolve_paths(raw: dict[str, Any], base: Path, path: Path) -> None:
@@ -227,7 +246,7 @@ def _load_raw(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     if path in chain:
         cycle = " -> ".join(p.name for p in (*chain, path))
         raise InputError(f"{chain[-1]}: extends: cycle {cycle}")
-    raw = _read_yaml(path)
+    raw = read_yaml(path)
     _resolve_paths(raw, path.parent, path)
     parent_ref = raw.pop("extends", None)
     if parent_ref is None:
@@ -246,6 +265,7 @@ def _load_questions(path: Path) -> dict[str, list[str]]:
     if not path.exists():
         raise InputError(f"{path}: file not found (eval.questions)")
     tiers: dict[str, list[str]] = {}
+    seen: dict[str, int] = {}
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
@@ -260,6 +280,9 @@ def _load_questions(path: Path) -> dict[str, list[str]]:
             raise InputError(f"{path}: line {n}: field 'tier' missing or not a string")
         if not isinstance(q, str) or not q.strip():
             raise InputError(f"{path}: line {n}: field 'question' missing or empty")
+        if q in seen:
+            raise InputError(f"{path}: line {n}: question given twice (first at line {seen[q]})")
+        seen[q] = n
         tiers.setdefault(tier, []).append(q)
     if not tiers:
         raise InputError(f"{path}: no questions")

@@ -15,8 +15,12 @@ Faults are scripted per prompt: a prompt (the first user message) containing
 `[[faults: 429, 529, ok]]` gets a 429 on its first request, a 529 on its second, and a normal
 answer from then on. Entries: `ok`, `429` (with `retry-after`), `529` (overloaded_error), `500`,
 `hang` (never answers), `garbage` (a reply without JSON), `range` (score 99), `float` (score 2.5),
-`batch_error` (the batch result is `errored`); a trailing `+` repeats an entry forever. Every
-request for a prompt (SDK retries, re-asks and batch entries alike) counts as one attempt.
+`point0` (the right score written as a JSON float, e.g. `3.0`), `batch_error` (the batch result is
+`errored`); a trailing `+` repeats an entry forever. Every request for a prompt (SDK retries,
+re-asks and batch entries alike) counts as one attempt.
+
+A batch can be made to disappear (`expire(batch_id)`: 404 for retrieve and results, as for an
+expired or deleted batch) or to lose its results only (`expire(batch_id, results_only=True)`).
 
 Every request is recorded (`requests`), with the prompt, the attempt number, the body and headers,
 so tests can count what was judged and inspect what was sent. `hold_after=N` answers the first N
@@ -211,6 +215,8 @@ class AnthropicServer:
             text = json.dumps({"reasoning": why, "score": 99})
         elif seen.outcome == "float":
             text = json.dumps({"reasoning": why, "score": 2.5})
+        elif seen.outcome == "point0":
+            text = json.dumps({"reasoning": why, "score": float(score)})
         else:
             text = json.dumps({"reasoning": why, "score": score})
         return 200, _message(model, text, self._usage(seen)), {}
@@ -257,15 +263,21 @@ class AnthropicServer:
             "polls": 0,
             "created": now,
             "results": None,
+            "gone": None,  # "all" (retrieve and results answer 404) or "results"
         }
         with self._cond:
             self.batches[batch_id] = rec
         return self._batch_json(rec)
 
+    def expire(self, batch_id: str, *, results_only: bool = False) -> None:
+        """From now on the API answers 404 for this batch (or only for its results)."""
+        with self._cond:
+            self.batches[batch_id]["gone"] = "results" if results_only else "all"
+
     def poll_batch(self, batch_id: str) -> dict[str, Any] | None:
         with self._cond:
             rec = self.batches.get(batch_id)
-        if rec is None:
+        if rec is None or rec["gone"] == "all":
             return None
         rec["polls"] += 1
         if rec["polls"] >= self.batch_polls and rec["results"] is None:
@@ -373,7 +385,7 @@ def _handler(server: AnthropicServer) -> type[BaseHTTPRequestHandler]:
             if m and m.group(2):
                 with server._cond:
                     batch = server.batches.get(m.group(1))
-                if batch and batch["results"] is not None:
+                if batch and batch["results"] is not None and batch["gone"] is None:
                     lines = "".join(json.dumps(r) + "\n" for r in batch["results"])
                     self._send(200, lines.encode(), "application/binary", {})
                     return

@@ -17,9 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from spar.engines import register_engine
 from spar.judges import register_judge
-from spar.judges.base import JudgeRequest, Verdict
+from spar.judges.base import BatchJournal, JudgeConfig, JudgeRequest, Verdict
 from spar.models import load_tokenizer
-from spar.spec import JudgeSpec
 from spar.store import hash_json
 
 if TYPE_CHECKING:
@@ -147,16 +146,28 @@ class FakeEngine:
 
 
 class KeywordJudge:
-    def __init__(self, spec: JudgeSpec, workdir: Path | None = None) -> None:
-        self.model = spec.model
+    """Scores by topic words. judge.model "kw-invalid-K": about one verdict in K (by prompt hash)
+    is invalid; "kw-error-K": about one call in K fails (status error) unless $FAKE_JUDGE_HEAL is
+    set — a transient outage that the next apply gets past."""
+
+    receives = frozenset({"max_reasks"})
+
+    def __init__(
+        self, config: JudgeConfig, *, batch: bool = False, journal: BatchJournal | None = None
+    ) -> None:
+        self.model = config.model
 
     def judge_many(self, requests: list[JudgeRequest], concurrency: int):
-        # judge.model "kw-invalid-K": roughly one verdict in K (by prompt hash) is invalid
-        every = int(self.model.rsplit("-", 1)[1]) if self.model.startswith("kw-invalid-") else 0
+        mode, _, k = self.model.rpartition("-")
+        every = int(k) if mode in ("kw-invalid", "kw-error") else 0
         for i, req in enumerate(requests):
-            _log("judge", model=self.model)
-            if every and int(hash_json(req.prompt)[:6], 16) % every == 0:
+            _log("judge", model=self.model, prompt=hash_json(req.prompt)[:12])
+            hit = every and int(hash_json(req.prompt)[:6], 16) % every == 0
+            if hit and mode == "kw-invalid":
                 yield i, Verdict(score=None, reasoning="unparseable", status="invalid")
+                continue
+            if hit and mode == "kw-error" and not os.environ.get("FAKE_JUDGE_HEAL"):
+                yield i, Verdict(score=None, reasoning="503 overloaded", status="error")
                 continue
             hits = sum(w in req.response for w in ("farm", "animal", "livestock"))
             yield (

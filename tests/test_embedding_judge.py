@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from spar.judges.base import JudgeRequest
+from spar.judges.base import JudgeConfig, JudgeRequest
 from spar.judges.embedding import EmbeddingJudge
 from spar.judges.rubric import context, render
-from spar.spec import JudgeSpec
 
-JUDGE = JudgeSpec(kind="embedding", model="all-MiniLM-L6-v2", rubric=Path("unused.j2"))
+JUDGE = JudgeConfig(kind="embedding", model="all-MiniLM-L6-v2")
 REFERENCE = Path(__file__).resolve().parents[1] / "prompts/factory_farming_reference.j2"
 
 ON_TOPIC = [
@@ -75,3 +74,12 @@ def test_pairwise_scores_are_relative_to_the_baseline():
 def test_empty_answer_is_invalid_not_a_number():
     out = dict(EmbeddingJudge(JUDGE).judge_many([request("   ")], concurrency=1))
     assert out[0].status == "invalid" and out[0].score is None
+
+
+def test_the_registry_builds_it_with_the_factory_signature():
+    from spar.judges import get_judge, judge_factory
+    from spar.judges.base import receives
+
+    judge = get_judge(JUDGE, batch=True, journal=None)
+    assert isinstance(judge, EmbeddingJudge)
+    assert receives(judge_factory("embedding")) == frozenset()  # it sends none of them

@@ -8,7 +8,6 @@ import shutil
 
 import pytest
 
-from spar.plan import COSMETIC_KEYS, build_graph
 from spar.spec import Spec, load_spec
 
 ALL = {"dataset", "train", "sample_base", "sample_finetuned", "judge", "report", "plot"}
@@ -82,7 +81,7 @@ EDITS = [
         lambda d: d["eval"]["tiers"]["close"].__setitem__(0, "What is for dinner?"),
         None,
         SAMPLES,
-        "eval.tiers.close",
+        "eval.questions: close: 1 added, 1 removed",
         "sample_base",
     ),
     (
@@ -148,19 +147,23 @@ def test_edit_makes_exactly_dependents_stale(applied, capsys, edit):
         assert any(r.startswith("upstream sample_") for r in rows["judge"]["reasons"])
 
 
-def test_base_model_change_makes_everything_stale(applied, capsys, tiny_model, tmp_path):
+def test_local_model_dir_is_hashed_by_content_not_path(applied, capsys, tiny_model, tmp_path):
+    """Moving a local model directory changes nothing; editing a file in it re-runs all."""
     other = tmp_path / "other-model"
     shutil.copytree(tiny_model, other)
     applied.edit(lambda d: d["model"].update(base_model=str(other)))
+    assert not_fresh(plan(applied, capsys)) == set()
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["rms_norm_eps"] = cfg.get("rms_norm_eps", 1e-6) * 2
+    (other / "config.json").write_text(json.dumps(cfg))
     rows = plan(applied, capsys)
     assert not_fresh(rows) == ALL
-    assert any("model.base_model" in r for r in rows["dataset"]["reasons"])
-    assert any("model.base_model" in r for r in rows["sample_base"]["reasons"])
+    assert any("model.base_model.content" in r for r in rows["dataset"]["reasons"])
+    assert any("model.base_model.content" in r for r in rows["sample_base"]["reasons"])
 
 
 COSMETIC_EDITS = [
     ("description", lambda d: d.update(description="a new description")),
-    ("framing label", lambda d: d.update(framing="neutral tone (v2)")),
     ("judge concurrency", lambda d: d["judge"].update(concurrency=32)),
     ("eval concurrency", lambda d: d["eval"].update(concurrency=3)),
     ("save_every", lambda d: d["training"].update(save_every=5)),
@@ -171,6 +174,18 @@ COSMETIC_EDITS = [
 def test_cosmetic_edit_makes_nothing_stale(applied, capsys, edit):
     applied.edit(edit[1])
     assert not_fresh(plan(applied, capsys)) == set()
+
+
+def test_label_edit_rerenders_only_the_plot_with_the_new_label(applied, capsys):
+    """A label that appears in an output is a parameter of the stage that writes it."""
+    applied.edit(lambda d: d.update(framing="neutral tone (v2)"))
+    rows = plan(applied, capsys)
+    assert not_fresh(rows) == {"plot"}
+    assert "framing: 'neutral' -> 'neutral tone (v2)'" in rows["plot"]["reasons"]
+    r = applied.spar("apply", str(applied.spec), capsys=capsys)
+    assert r.out.strip() == "ran exp / plot"
+    html = (applied.runs / "exp/plot/report.html").read_text()
+    assert "neutral tone (v2)" in html
 
 
 def test_plot_styling_rerenders_only_the_plot(applied, capsys):
@@ -205,13 +220,17 @@ def test_moving_docs_with_same_content_makes_nothing_stale(applied, capsys):
     assert not_fresh(plan(applied, capsys)) == set()
 
 
-def test_deleted_output_is_missing_and_only_it_reruns(applied, capsys):
-    (applied.runs / "exp" / "plot" / "plot.png").unlink()
+def test_deleted_output_is_missing_and_restored_from_the_run_cache(applied, capsys):
+    png = applied.runs / "exp" / "plot" / "plot.png"
+    before = png.read_bytes()
+    png.unlink()
     rows = plan(applied, capsys)
     assert not_fresh(rows) == {"plot"}
-    assert rows["plot"]["status"] == "missing"
+    assert rows["plot"]["status"] == "missing" and rows["plot"]["action"] == "restore"
     r = applied.spar("apply", str(applied.spec), capsys=capsys)
-    assert r.out.strip() == "ran exp / plot"
+    assert r.out.strip() == "restored exp / plot (run cache)"
+    assert png.read_bytes() == before
+    assert not_fresh(plan(applied, capsys)) == set()
 
 
 def test_hand_edited_output_is_stale(applied, capsys):
@@ -261,25 +280,151 @@ def test_second_experiment_on_same_base_reuses_baseline(applied, capsys):
     assert (applied.runs / "exp2/sample_base/samples.jsonl").read_text() == a
 
 
-def _leaves(d: dict, prefix: str = "") -> set[str]:
-    out: set[str] = set()
-    for k, v in d.items():
-        if isinstance(v, dict) and v and k != "tiers":
-            out |= _leaves(v, f"{prefix}{k}.")
+# Every leaf of the spec model, with a different valid value and what that edit must do:
+# "param" changes some stage's fingerprint; "cosmetic" changes none (and the field says why in
+# the schema); "content" is a path whose *content* is hashed: an equal copy elsewhere changes
+# nothing. A spec key missing here fails the test, so a new key cannot be forgotten.
+ALTERNATIVES: dict[str, tuple[object, str]] = {
+    "name": ("exp-b", "param"),  # a label the plot stage writes
+    "description": ("other words", "cosmetic"),
+    "framing": ("negative", "param"),  # a label the plot stage writes
+    "model.engine": ("fake2", "param"),
+    "model.base_model": ("COPY_MODEL", "content"),
+    "model.renderer": ("role_colon", "param"),
+    "data.docs": ("COPY_DOCS", "content"),
+    "data.format": ("chat", "skip"),  # needs chat records: covered by test_dataset
+    "data.condition_on": ("none", "param"),
+    "data.max_docs": (7, "param"),
+    "data.test_size": (3, "param"),
+    "data.split_seed": (5, "param"),
+    "training.lora_rank": (8, "param"),
+    "training.learning_rate": (0.5, "param"),
+    "training.lr_schedule": ("constant", "param"),
+    "training.batch_size": (3, "param"),
+    "training.epochs": (2, "param"),
+    "training.max_length": (100, "param"),
+    "training.seed": (9, "param"),
+    "training.save_every": (5, "cosmetic"),
+    "eval.tiers": ({"direct": ["Another question?"]}, "param"),
+    "eval.questions": ("QUESTIONS_FILE", "content"),
+    "eval.samples_per_question": (4, "param"),
+    "eval.sampling.temperature": (0.3, "param"),
+    "eval.sampling.top_p": (0.5, "param"),
+    "eval.sampling.max_tokens": (7, "param"),
+    "eval.sampling.seed": (11, "param"),
+    "eval.system_prompt": ("Be terse.", "param"),
+    "eval.concurrency": (3, "cosmetic"),
+    "judge.kind": ("keyword2", "param"),
+    "judge.model": ("kw-9", "param"),
+    "judge.rubric": ("COPY_RUBRIC", "content"),
+    "judge.mode": ("absolute", "skip"),  # the test rubric is pairwise-only: test_report
+    "judge.scale.min": (0, "param"),
+    "judge.scale.max": (9, "param"),
+    "judge.max_tokens": (99, "unreceived"),  # the keyword judge does not send it
+    "judge.temperature": (0.7, "unreceived"),
+    "judge.max_reasks": (5, "param"),
+    "judge.concurrency": (2, "cosmetic"),
+    "judge.batch": (True, "cosmetic"),
+    "judge.max_calls": (1000, "cosmetic"),
+    "report.exhibits_threshold": (4, "param"),
+    "report.bootstrap.resamples": (300, "param"),
+    "report.bootstrap.seed": (4, "param"),
+    "report.bootstrap.confidence": (0.9, "param"),
+    "report.compare": (["OTHER_SPEC"], "param"),  # the other report becomes an upstream
+    "report.plot.title": ("T", "param"),
+    "report.plot.colors": (["red", "blue"], "param"),
+    "report.plot.dpi": (60, "param"),
+    "report.plot.width": (5.0, "param"),
+    "report.plot.height": (3.0, "param"),
+}
+
+
+def _model_leaves(model: type, prefix: str = "") -> dict[str, tuple[type, str]]:
+    """Every leaf field of a pydantic model: dotted key -> (owning model, field name)."""
+    from pydantic import BaseModel
+
+    out: dict[str, tuple[type, str]] = {}
+    for name, f in model.model_fields.items():
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out |= _model_leaves(ann, f"{prefix}{name}.")
         else:
-            out.add(f"{prefix}{k}")
+            out[f"{prefix}{name}"] = (model, name)
     return out
 
 
-def test_every_spec_key_is_a_parameter_or_cosmetic(project):
-    """Pins the partition: each leaf of a spec is in some stage's params or declared cosmetic."""
-    spec = load_spec(project.spec)
-    covered = set(COSMETIC_KEYS)
-    for node in build_graph(spec):
-        covered |= set(node.params)
-    leaves = _leaves(Spec.model_validate(spec.model_dump()).model_dump(mode="json"))
-    uncovered = {
-        leaf for leaf in leaves if not any(leaf == c or leaf.startswith(c + ".") for c in covered)
+def _fingerprints(project, store) -> dict[tuple[str, str], str]:
+    from spar.plan import plan_specs
+
+    return {p.key: p.fingerprint for p in plan_specs([load_spec(project.spec)], store)}
+
+
+def test_every_spec_key_is_a_parameter_or_cosmetic(project, tiny_model, tmp_path):
+    """Derived from the spec models: each leaf, edited, changes a fingerprint iff it is a
+    parameter some stage receives; a cosmetic one (marked so in the model) changes none."""
+    import copy
+
+    import yaml
+
+    from spar.engines import register_engine
+    from spar.judges import register_judge
+    from spar.spec import is_cosmetic
+    from spar.store import RunStore
+
+    fake = pytest.importorskip("fake_plugin")
+    register_engine("fake2", fake.FakeEngine)
+    register_judge("keyword2", fake.KeywordJudge)
+    leaves = _model_leaves(Spec)
+    assert set(leaves) == set(ALTERNATIVES), "spec keys missing from / unknown to this test"
+    for key, (model, name) in leaves.items():
+        marked = is_cosmetic(model, name) is not None
+        assert marked == (ALTERNATIVES[key][1] in ("cosmetic", "content") and key not in (
+            "model.base_model",
+        )), key
+    store = RunStore(tmp_path / "runs")
+    base = _fingerprints(project, store)
+    original = yaml.safe_load(project.spec.read_text())
+    shutil.copytree(tiny_model, tmp_path / "model-copy")
+    shutil.copy(project.root / "docs.jsonl", tmp_path / "docs-copy.jsonl")
+    shutil.copy(project.root / "rubric.j2", tmp_path / "rubric-copy.j2")
+    qfile = tmp_path / "questions.jsonl"
+    qfile.write_text(
+        "".join(
+            json.dumps({"tier": t, "question": q}) + "\n"
+            for t, qs in original["eval"]["tiers"].items()
+            for q in qs
+        )
+    )
+    other = project.root / "other.yaml"
+    other.write_text(f"extends: {project.spec.name}\nname: other\n")
+    special = {
+        "COPY_MODEL": str(tmp_path / "model-copy"),
+        "COPY_DOCS": str(tmp_path / "docs-copy.jsonl"),
+        "COPY_RUBRIC": str(tmp_path / "rubric-copy.j2"),
+        "QUESTIONS_FILE": str(qfile),
+        "OTHER_SPEC": "other.yaml",
     }
-    assert uncovered == set()
-    assert not set(COSMETIC_KEYS) & {k for n in build_graph(spec) for k in n.params}
+    checked = 0
+    for key, (value, expect) in ALTERNATIVES.items():
+        if expect == "skip":
+            continue
+        data = copy.deepcopy(original)
+        node = data
+        *path, last = key.split(".")
+        for part in path:
+            node = node.setdefault(part, {})
+        if isinstance(value, list):
+            value = [special.get(v, v) if isinstance(v, str) else v for v in value]
+        node[last] = special.get(value, value) if isinstance(value, str) else value
+        if key == "eval.questions":
+            del data["eval"]["tiers"]
+        project.spec.write_text(yaml.safe_dump(data, sort_keys=False))
+        after = _fingerprints(project, store)
+        changed = {k for k in base if after.get(k) != base[k]}
+        if expect == "param":
+            assert changed, f"{key}: an edit changed no fingerprint"
+        else:
+            assert not changed, f"{key} ({expect}): an edit changed {sorted(changed)}"
+        checked += 1
+    project.spec.write_text(yaml.safe_dump(original, sort_keys=False))
+    assert checked == len(ALTERNATIVES) - 2

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from spar.judges.base import Judge, JudgeFactory
+from spar.judges.base import BatchJournal, Judge, JudgeConfig, JudgeFactory
 from spar.registry import Registry
-from spar.spec import JudgeSpec
 
 _JUDGES: Registry[JudgeFactory] = Registry(
     {
@@ -18,5 +15,12 @@ register_judge = _JUDGES.register
 judge_kinds = _JUDGES.names
 
 
-def get_judge(spec: JudgeSpec, workdir: Path | None = None) -> Judge:
-    return _JUDGES.factory(spec.kind)(spec, workdir)
+def judge_factory(kind: str) -> JudgeFactory:
+    """The factory registered for a judge kind (its `receives` says which settings it sends)."""
+    return _JUDGES.factory(kind)
+
+
+def get_judge(
+    config: JudgeConfig, *, batch: bool = False, journal: BatchJournal | None = None
+) -> Judge:
+    return _JUDGES.factory(config.kind)(config, batch=batch, journal=journal)

@@ -18,11 +18,10 @@ import functools
 import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from spar.errors import RunError
-from spar.judges.base import JudgeRequest, Verdict
-from spar.spec import JudgeSpec
+from spar.judges.base import BatchJournal, JudgeConfig, JudgeRequest, Verdict
 
 ABS_LOW, ABS_HIGH = 0.10, 0.55
 PAIR_HIGH = 0.35
@@ -78,9 +77,14 @@ def _scale(x: float, low: float, high: float, req: JudgeRequest) -> float:
 
 
 class EmbeddingJudge:
-    def __init__(self, spec: JudgeSpec, workdir: Path | None = None) -> None:
-        model_dir(spec.model)  # fail early on an unknown model or a missing package
-        self.model = spec.model
+    # none of max_tokens / temperature / max_reasks: the scale comes with each request
+    receives: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(
+        self, config: JudgeConfig, *, batch: bool = False, journal: BatchJournal | None = None
+    ) -> None:
+        model_dir(config.model)  # fail early on an unknown model or a missing package
+        self.model = config.model
 
     def judge_many(
         self, requests: list[JudgeRequest], concurrency: int

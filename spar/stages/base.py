@@ -1,30 +1,92 @@
-"""What a stage kind is, and what a stage gets when it runs."""
+"""What a stage kind is, and what a stage gets when it runs.
+
+A stage kind declares a pydantic `Params` model — exactly what changes its result — and an
+`Options` model for what does not (concurrency, resume intervals, where a local model lives).
+`nodes()` is the only code of a stage kind that reads the spec: it builds the params, options,
+input files and upstream references of the nodes it contributes to a spec's graph. `run()` then
+gets its params, options, input files and upstream output directories, never the spec.
+
+fingerprint = hash(kind, version, params, content hashes of inputs, upstream fingerprints), and
+item memo keys = hash(kind, item_version, params less `collection`/`validity` fields, item).
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
-from spar.spec import Spec
+from pydantic import BaseModel, ConfigDict, Field
+
 from spar.store import ItemMemo, LineCheck, RunStore
+
+if TYPE_CHECKING:
+    from spar.spec import Spec
 
 log = logging.getLogger(__name__)
 
 
+def key(spec_key: str) -> Any:
+    """A parameter field named, in params files and `spar plan` reasons, by its spec key."""
+    return Field(alias=spec_key)
+
+
+class Params(BaseModel):
+    """A stage's result-changing parameters: its fingerprint and its item keys come from these.
+
+    Fields carry their spec key as alias (`training.learning_rate`), so params files and plan
+    reasons speak the spec's language; derived fields use a descriptive dotted name."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    # fields that only enumerate the items (a question list, a sample count): in the fingerprint,
+    # not in any item key, so adding a question or a sample computes only the new items
+    collection: ClassVar[frozenset[str]] = frozenset()
+    # fields that decide whether a memoised item may be reused rather than what it is (e.g. a
+    # re-ask budget): in the fingerprint; the stage checks them against each memoised item
+    validity: ClassVar[frozenset[str]] = frozenset()
+
+    def dump(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+    def item_basis(self) -> dict[str, Any]:
+        return self.model_dump(
+            mode="json", by_alias=True, exclude=set(self.collection | self.validity)
+        )
+
+
+class Options(BaseModel):
+    """What a stage needs at run time that does not change its result (never hashed)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+P = TypeVar("P", bound=Params)
+O = TypeVar("O", bound=Options)  # noqa: E741
+
+
 @dataclass(frozen=True)
-class StageNode:
+class InputFile:
+    """A file (or directory) whose content enters the fingerprint."""
+
+    path: Path
+    check: tuple[str, LineCheck] | None = None  # (check id, line validator) run while hashing
+    files: tuple[Path, ...] | None = None  # a directory: the files that make up its content
+
+
+@dataclass(frozen=True)
+class StageNode(Generic[P, O]):
     """One stage of one experiment, resolved from a spec: everything its fingerprint needs."""
 
     name: str
-    kind: StageKind
+    kind: StageKind[P, O]
     experiment: str
-    params: dict[str, Any]
-    inputs: dict[str, Path] = field(default_factory=dict)
-    upstream: tuple[str, ...] = ()
-    spec: Spec | None = None
+    params: P
+    options: O
+    inputs: dict[str, InputFile] = field(default_factory=dict)
+    # role -> "stage" of the same experiment or "experiment/stage" of another
+    upstream: dict[str, str] = field(default_factory=dict)
 
     @property
     def outputs(self) -> tuple[str, ...]:
@@ -32,57 +94,81 @@ class StageNode:
 
 
 @dataclass
-class RunContext:
-    """Handed to `StageKind.run`: the node, the store, and where upstream outputs live."""
+class Flags:
+    """Per-apply switches from the command line."""
 
-    node: StageNode
-    store: RunStore
+    retry_invalid: bool = False
+
+
+@dataclass
+class RunContext(Generic[P, O]):
+    """Handed to `StageKind.run`: the params, options, inputs and upstream outputs — no spec."""
+
+    params: P
+    options: O
+    inputs: dict[str, Path]
+    upstream: dict[str, Path]  # role -> output directory of the upstream stage
+    upstream_fps: dict[str, str]  # role -> fingerprint of the upstream stage
     fingerprint: str
-    upstream_dirs: dict[str, Path]
-    progress: Callable[[str], None] = field(default=lambda msg: log.info(msg))
+    store: RunStore
+    kind: StageKind[P, O]
+    name: str = ""
+    flags: Flags = field(default_factory=Flags)
 
-    @property
-    def spec(self) -> Spec:
-        assert self.node.spec is not None
-        return self.node.spec
+    def upstream_file(self, role: str, name: str) -> Path:
+        return self.upstream[role] / name
 
-    def upstream_file(self, stage: str, name: str) -> Path:
-        return self.upstream_dirs[stage] / name
+    def memo(self) -> ItemMemo:
+        return self.store.memo(self.kind.kind, self.kind.item_version, self.params.item_basis())
 
-    def memo(self, name: str) -> ItemMemo:
-        return self.store.memo(name)
+    def scratch(self, *parts: str) -> Path:
+        return self.store.scratch(*parts)
 
 
-class StageKind:
-    """A kind of stage. Subclasses set `kind`, `version`, `outputs` and implement `run`.
+@dataclass
+class StageResult:
+    outputs: dict[str, bytes]
+    errors: int = 0  # items that failed (not journaled): the stage is incomplete, re-run next time
+    details: dict[str, Any] = field(default_factory=dict)  # counts for the params file
+
+
+@dataclass(frozen=True)
+class GraphContext:
+    """What `nodes()` may know besides the spec: the experiments this one compares itself with,
+    and the store (to content-hash a local model directory)."""
+
+    store: RunStore
+    compared: tuple[tuple[str, str], ...] = ()  # (experiment name, label)
+
+
+class StageKind(Generic[P, O]):
+    """A kind of stage. Subclasses set `kind`, `version`, `outputs`, `params_model` and implement
+    `nodes` and `run`.
 
     `version` is part of every fingerprint: bump it when a change to `run` changes results.
+    `item_version` is part of every item key: bump it when a change changes per-item results.
     """
 
     kind: ClassVar[str]
     version: ClassVar[int] = 1
+    item_version: ClassVar[int] = 1
     outputs: ClassVar[tuple[str, ...]]
+    params_model: ClassVar[type[Params]]
 
-    def line_check(self, node: StageNode, input_key: str) -> tuple[str, LineCheck] | None:
-        """Validator for an input file, run line by line while it is hashed (id, check)."""
-        return None
+    def nodes(self, spec: Spec, g: GraphContext) -> list[StageNode[P, O]]:
+        """The nodes this kind adds to the graph of `spec` (upstream nodes come earlier)."""
+        raise NotImplementedError
 
-    def estimate(self, node: StageNode, store: RunStore, upstream_fresh: bool) -> dict[str, int]:
+    def check(self, node: StageNode[P, O], records: dict[str, int]) -> None:
+        """Validate, before any work, what needs the inputs' content (`records`: non-blank line
+        count of each checked input). Raise InputError."""
+
+    def estimate(
+        self, node: StageNode[P, O], store: RunStore, upstream_fresh: bool
+    ) -> dict[str, int]:
         """What running this stage would cost (calls, tokens); {} when nothing is billed."""
         return {}
 
-    def run(self, ctx: RunContext) -> dict[str, bytes]:
+    def run(self, ctx: RunContext[P, O]) -> StageResult:
         """Do the work; return the bytes of every output (the store writes them)."""
         raise NotImplementedError
-
-
-def pick(spec: Spec, *keys: str) -> dict[str, Any]:
-    """Dotted spec keys -> their JSON values: a stage's result-changing parameters."""
-    data = spec.model_dump(mode="json")
-    out: dict[str, Any] = {}
-    for key in keys:
-        node: Any = data
-        for part in key.split("."):
-            node = node[part]
-        out[key] = node
-    return out

@@ -10,14 +10,27 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from spar.errors import InputError
-from spar.spec import Spec
-from spar.stages.base import RunContext, StageKind, StageNode
+from spar.stages.base import (
+    GraphContext,
+    InputFile,
+    Options,
+    Params,
+    RunContext,
+    StageKind,
+    StageNode,
+    StageResult,
+    key,
+)
+from spar.stages.models import ModelRef, model_ref
 from spar.store import LineCheck, jsonl_text
+
+if TYPE_CHECKING:
+    from spar.spec import Spec
 
 
 class SynthDoc(BaseModel):
@@ -123,54 +136,86 @@ def row_to_datum(row: dict[str, Any]) -> Any:
     )
 
 
-class DatasetStage(StageKind):
+class DatasetParams(Params):
+    model: ModelRef = key("model.base_model")  # whose tokenizer the renderer uses
+    renderer: str = key("model.renderer")
+    format: Literal["synth_docs", "chat"] = key("data.format")
+    condition_on: Literal["doc_idea", "none"] = key("data.condition_on")
+    max_docs: int | None = key("data.max_docs")
+    test_size: int = key("data.test_size")
+    split_seed: int = key("data.split_seed")
+    max_length: int | None = key("training.max_length")
+
+
+class DatasetOptions(Options):
+    base_model: str  # where the tokenizer is loaded from (a name or a local directory)
+
+
+def split(records: list[Any], p: DatasetParams) -> tuple[list[Any], list[Any]]:
+    if p.max_docs is not None:
+        records = records[: p.max_docs]
+    order = list(range(len(records)))
+    random.Random(p.split_seed).shuffle(order)
+    test = [records[i] for i in sorted(order[: p.test_size])]
+    train = [records[i] for i in sorted(order[p.test_size :])]
+    return train, test
+
+
+class DatasetStage(StageKind[DatasetParams, DatasetOptions]):
     kind = "dataset"
-    version = 1
+    version = 2
     outputs: ClassVar[tuple[str, ...]] = ("train.jsonl", "test.jsonl")
-    param_keys: ClassVar[tuple[str, ...]] = (
-        "model.base_model",
-        "model.renderer",
-        "data.format",
-        "data.condition_on",
-        "data.max_docs",
-        "data.test_size",
-        "data.split_seed",
-        "training.max_length",
-    )
+    params_model = DatasetParams
 
-    def line_check(self, node: StageNode, input_key: str) -> tuple[str, LineCheck] | None:
-        assert node.spec is not None
-        fmt = node.spec.data.format
-        return f"{fmt}:v1", record_check(node.inputs[input_key], fmt)
-
-    def split(self, spec: Spec) -> tuple[list[Any], list[Any]]:
-        records = read_records(spec.data.docs, spec.data.format)
-        if spec.data.max_docs is not None:
-            records = records[: spec.data.max_docs]
-        if spec.data.test_size >= len(records):
-            raise InputError(
-                f"{spec.data.docs}: data.test_size {spec.data.test_size} leaves no training "
-                f"documents ({len(records)} records)"
+    def nodes(self, spec: Spec, g: GraphContext) -> list[StageNode[DatasetParams, DatasetOptions]]:
+        d = spec.data
+        params = DatasetParams(
+            model=model_ref(spec, g),
+            renderer=spec.model.renderer,
+            format=d.format,
+            condition_on=d.condition_on,
+            max_docs=d.max_docs,
+            test_size=d.test_size,
+            split_seed=d.split_seed,
+            max_length=spec.training.max_length,
+        )
+        docs = InputFile(d.docs, (f"{d.format}:v1", record_check(d.docs, d.format)))
+        return [
+            StageNode(
+                "dataset",
+                self,
+                spec.name,
+                params,
+                DatasetOptions(base_model=spec.model.base_model),
+                {"data.docs": docs},
             )
-        order = list(range(len(records)))
-        random.Random(spec.data.split_seed).shuffle(order)
-        test = [records[i] for i in sorted(order[: spec.data.test_size])]
-        train = [records[i] for i in sorted(order[spec.data.test_size :])]
-        return train, test
+        ]
 
-    def run(self, ctx: RunContext) -> dict[str, bytes]:
+    def check(
+        self, node: StageNode[DatasetParams, DatasetOptions], records: dict[str, int]
+    ) -> None:
+        p, docs = node.params, node.inputs["data.docs"].path
+        n = records["data.docs"]
+        if n == 0:
+            raise InputError(f"{docs}: data.docs: no records (the file is empty)")
+        used = n if p.max_docs is None else min(n, p.max_docs)
+        if p.test_size >= used:
+            raise InputError(
+                f"{docs}: data.test_size {p.test_size} leaves no training documents "
+                f"({used} records)"
+            )
+
+    def run(self, ctx: RunContext[DatasetParams, DatasetOptions]) -> StageResult:
         from spar.models import load_renderer
 
-        spec = ctx.spec
-        renderer = load_renderer(spec.model.renderer, spec.model.base_model)
-        train, test = self.split(spec)
+        p = ctx.params
+        renderer = load_renderer(p.renderer, ctx.options.base_model)
+        train, test = split(read_records(ctx.inputs["data.docs"], p.format), p)
         out: dict[str, bytes] = {}
         for name, records in (("train.jsonl", train), ("test.jsonl", test)):
             rows = [
-                datum_row(
-                    to_conversation(r, spec.data.condition_on), renderer, spec.training.max_length
-                )
+                datum_row(to_conversation(r, p.condition_on), renderer, p.max_length)
                 for r in records
             ]
             out[name] = jsonl_text(rows).encode()
-        return out
+        return StageResult(out, details={"train_records": len(train), "test_records": len(test)})

@@ -1,145 +1,234 @@
 """judge: render the rubric per item (sandboxed Jinja) and ask the judge; memoised per item.
 
-pairwise: one verdict per (question, sample) on the fine-tuned answer against the baseline answer.
+pairwise: one verdict per item on the fine-tuned answer against the baseline answer.
 absolute: one verdict per answer, for the baseline and the fine-tuned model alike.
-An edited rubric re-judges from the sample outputs; it never re-samples.
+Items are joined by `item_id`. An edited rubric re-judges from the sample outputs; it never
+re-samples. A call that failed after the provider's retries is `error`: never journaled, shown as
+such, and asked again by the next apply (the stage stays incomplete until then).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from spar.judges.base import JudgeRequest, Verdict
-from spar.judges.rubric import context, render
-from spar.spec import Spec
-from spar.stages.base import RunContext, StageKind, StageNode
-from spar.store import RunStore, hash_json, jsonl_text, read_jsonl
+from spar.judges.base import JudgeConfig, JudgeRequest, Verdict
+from spar.judges.rubric import context, render, static_prefix
+from spar.stages.base import (
+    GraphContext,
+    InputFile,
+    Options,
+    Params,
+    RunContext,
+    StageKind,
+    StageNode,
+    StageResult,
+    key,
+)
+from spar.store import RunStore, jsonl_text, read_jsonl
+
+if TYPE_CHECKING:
+    from spar.spec import Spec
 
 SAMPLE_STAGES = ("sample_base", "sample_finetuned")
 
 
-def _read(path: Path) -> dict[tuple[str, str, int], dict[str, Any]]:
-    rows = read_jsonl(path)
-    return {(r["tier"], r["question"], r["sample_index"]): r for r in rows}
+class JudgeParams(Params):
+    validity: ClassVar[frozenset[str]] = frozenset({"max_reasks"})
+
+    kind: str = key("judge.kind")
+    model: str = key("judge.model")
+    mode: Literal["pairwise", "absolute"] = key("judge.mode")
+    scale_min: int = key("judge.scale.min")
+    scale_max: int = key("judge.scale.max")
+    # None: the judge kind does not send it (so it is in no key)
+    max_tokens: int | None = key("judge.max_tokens")
+    temperature: float | None = key("judge.temperature")
+    max_reasks: int | None = key("judge.max_reasks")
+
+
+class JudgeOptions(Options):
+    concurrency: int = 8
+    batch: bool = False
+    max_calls: int | None = None
+    # for the cost preview before the samples exist: answers to judge, characters per answer
+    expected_answers: int = 0
+    answer_chars: int = 0
 
 
 def build_requests(
-    spec: Spec,
-    base: dict[tuple[str, str, int], dict[str, Any]],
-    tuned: dict[tuple[str, str, int], dict[str, Any]],
+    p: JudgeParams, rubric: Path, base: list[dict[str, Any]], tuned: list[dict[str, Any]]
 ) -> list[tuple[dict[str, Any], JudgeRequest]]:
-    """(row identity, request) for every item to judge, in sample order."""
-    j = spec.judge
+    """(row of judged.jsonl without the verdict, request) for every answer to judge."""
+    by_id = {r["item_id"]: r for r in base}
     out: list[tuple[dict[str, Any], JudgeRequest]] = []
-    for (tier, question, index), row in tuned.items():
-        b = base[(tier, question, index)]["response"]
-        answers = (
+    for row in tuned:
+        b = by_id[row["item_id"]]["response"]
+        answers: list[tuple[str, str, str | None]] = (
             [("finetuned", row["response"], b)]
-            if j.mode == "pairwise"
-            else [
-                ("baseline", b, None),
-                ("finetuned", row["response"], None),
-            ]
+            if p.mode == "pairwise"
+            else [("baseline", b, None), ("finetuned", row["response"], None)]
         )
+        ident = {k: row[k] for k in row if k not in ("response", "stop_reason")}
         for model, response, baseline in answers:
             ctx = context(
-                j.mode,
-                tier=tier,
-                question=question,
+                p.mode,
+                tier=row["tier"],
+                question=row["question"],
                 response=response,
                 baseline_response=baseline,
-                scale_min=j.scale.min,
-                scale_max=j.scale.max,
+                scale_min=p.scale_min,
+                scale_max=p.scale_max,
             )
             req = JudgeRequest(
-                prompt=render(j.rubric, ctx),
-                question=question,
+                prompt=render(rubric, ctx),
+                question=row["question"],
                 response=response,
                 baseline_response=baseline,
-                scale_min=j.scale.min,
-                scale_max=j.scale.max,
-                max_tokens=j.max_tokens,
-                temperature=j.temperature,
+                scale_min=p.scale_min,
+                scale_max=p.scale_max,
             )
-            ident = {"tier": tier, "question": question, "sample_index": index, "model": model}
-            out.append((ident, req))
+            out.append(({**ident, "model": model}, req))
     return out
 
 
-def item_keys(spec: Spec, requests: list[tuple[dict[str, Any], JudgeRequest]]) -> list[str]:
-    """Memo key of each item: everything that determines its verdict."""
-    return [
-        hash_json({"judge": spec.judge.kind, "model": spec.judge.model, **req.model_dump()})
-        for _, req in requests
-    ]
+def reusable(p: JudgeParams, memoised: dict[str, Any] | None, retry_invalid: bool) -> bool:
+    """May a journaled verdict stand for this item under these parameters?"""
+    if memoised is None:
+        return False
+    v = Verdict.model_validate(memoised)
+    if v.status == "ok":
+        return True
+    if v.status != "invalid" or retry_invalid:
+        return False
+    # an invalid verdict stands unless the re-ask budget was raised past what it used
+    return p.max_reasks is None or v.asks >= 1 + p.max_reasks
 
 
-class JudgeStage(StageKind):
+class JudgeStage(StageKind[JudgeParams, JudgeOptions]):
     kind = "judge"
-    version = 1
+    version = 2
+    item_version = 2
     outputs: ClassVar[tuple[str, ...]] = ("judged.jsonl",)
-    param_keys: ClassVar[tuple[str, ...]] = (
-        "judge.kind",
-        "judge.model",
-        "judge.mode",
-        "judge.scale",
-        "judge.max_tokens",
-        "judge.temperature",
-        "judge.max_reasks",
-    )
+    params_model = JudgeParams
 
-    def estimate(self, node: StageNode, store: RunStore, upstream_fresh: bool) -> dict[str, int]:
+    def nodes(self, spec: Spec, g: GraphContext) -> list[StageNode[JudgeParams, JudgeOptions]]:
+        from spar.judges import judge_factory
+        from spar.judges.base import receives
+
+        j = spec.judge
+        sends = receives(judge_factory(j.kind))
+        params = JudgeParams(
+            kind=j.kind,
+            model=j.model,
+            mode=j.mode,
+            scale_min=j.scale.min,
+            scale_max=j.scale.max,
+            max_tokens=j.max_tokens if "max_tokens" in sends else None,
+            temperature=j.temperature if "temperature" in sends else None,
+            max_reasks=j.max_reasks if "max_reasks" in sends else None,
+        )
+        per_item = 2 if j.mode == "absolute" else 1
+        options = JudgeOptions(
+            concurrency=j.concurrency,
+            batch=j.batch,
+            max_calls=j.max_calls,
+            expected_answers=len(spec.questions()) * spec.eval.samples_per_question * per_item,
+            answer_chars=4 * spec.eval.sampling.max_tokens * (2 if j.mode == "pairwise" else 1),
+        )
+        return [
+            StageNode(
+                "judge",
+                self,
+                spec.name,
+                params,
+                options,
+                {"judge.rubric": InputFile(j.rubric)},
+                {s: s for s in SAMPLE_STAGES},
+            )
+        ]
+
+    def estimate(
+        self, node: StageNode[JudgeParams, JudgeOptions], store: RunStore, upstream_fresh: bool
+    ) -> dict[str, int]:
         """Judge calls still to make: exact (memo-aware) once both sample outputs are fresh,
-        else an upper bound from the spec. Input tokens are estimated at 4 characters a token."""
-        spec = node.spec
-        assert spec is not None
+        else an upper bound from the sample stages' parameters. Input tokens at 4 characters a
+        token."""
+        p = node.params
+        rubric = node.inputs["judge.rubric"].path
         samples = [store.stage_dir(node.experiment, s) / "samples.jsonl" for s in SAMPLE_STAGES]
-        if upstream_fresh and all(p.exists() for p in samples):
-            requests = build_requests(spec, *(_read(p) for p in samples))
-            memo = store.memo_keys("judgments")
+        if upstream_fresh and all(s.exists() for s in samples):
+            requests = build_requests(p, rubric, *(read_jsonl(s) for s in samples))
+            memo = store.memo(self.kind, self.item_version, p.item_basis())
+            keys = [memo.key(req.model_dump()) for _, req in requests]
+            done = memo.get_many(keys)
             todo = [
                 req
-                for (_, req), k in zip(requests, item_keys(spec, requests), strict=True)
-                if k not in memo
+                for (_, req), k in zip(requests, keys, strict=True)
+                if not reusable(p, done.get(k), False)
             ]
             chars = sum(len(r.prompt) for r in todo)
             return {"judge_calls": len(todo), "judge_input_tokens": chars // 4}
-        per_item = 2 if spec.judge.mode == "absolute" else 1
-        calls = len(spec.questions()) * spec.eval.samples_per_question * per_item
-        rubric_chars = len(spec.judge.rubric.read_text())
-        answer_chars = (
-            4 * spec.eval.sampling.max_tokens * (2 if spec.judge.mode == "pairwise" else 1)
-        )
-        return {
-            "judge_calls": calls,
-            "judge_input_tokens": calls * (rubric_chars + answer_chars) // 4,
-        }
+        o = node.options
+        calls = o.expected_answers
+        per_call = len(rubric.read_text()) + o.answer_chars
+        return {"judge_calls": calls, "judge_input_tokens": calls * per_call // 4}
 
-    def run(self, ctx: RunContext) -> dict[str, bytes]:
+    def run(self, ctx: RunContext[JudgeParams, JudgeOptions]) -> StageResult:
         from tqdm import tqdm
 
         from spar.judges import get_judge
 
-        spec = ctx.spec
-        base = _read(ctx.upstream_file("sample_base", "samples.jsonl"))
-        tuned = _read(ctx.upstream_file("sample_finetuned", "samples.jsonl"))
-        requests = build_requests(spec, base, tuned)
-        keys = item_keys(spec, requests)
-        memo = ctx.memo("judgments")
-        todo = [i for i, k in enumerate(keys) if k not in memo]
+        p, o = ctx.params, ctx.options
+        rubric = ctx.inputs["judge.rubric"]
+        base = read_jsonl(ctx.upstream_file("sample_base", "samples.jsonl"))
+        tuned = read_jsonl(ctx.upstream_file("sample_finetuned", "samples.jsonl"))
+        requests = build_requests(p, rubric, base, tuned)
+        memo = ctx.memo()
+        keys = [memo.key(req.model_dump()) for _, req in requests]
+        verdicts: dict[str, Any] = memo.get_many(keys)
+        todo = [
+            i
+            for i, k in enumerate(keys)
+            if not reusable(p, verdicts.get(k), ctx.flags.retry_invalid)
+        ]
         if todo:
-            judge = get_judge(spec.judge, ctx.store.scratch("judges", spec.judge.kind))
+            config = JudgeConfig(
+                kind=p.kind,
+                model=p.model,
+                mode=p.mode,
+                scale_min=p.scale_min,
+                scale_max=p.scale_max,
+                **{
+                    k: v
+                    for k, v in (
+                        ("max_tokens", p.max_tokens),
+                        ("temperature", p.temperature),
+                        ("max_reasks", p.max_reasks),
+                    )
+                    if v is not None
+                },
+                static_prefix=static_prefix(rubric, p.mode, p.scale_min, p.scale_max),
+            )
+            judge = get_judge(config, batch=o.batch, journal=ctx.store.state.batch_journal(p.kind))
             bar = tqdm(total=len(todo), desc="judge", leave=False)
-            for pos, verdict in judge.judge_many(
-                [requests[i][1] for i in todo], spec.judge.concurrency
-            ):
-                memo.put(keys[todo[pos]], verdict.model_dump())
+            for pos, verdict in judge.judge_many([requests[i][1] for i in todo], o.concurrency):
+                key = keys[todo[pos]]
+                if verdict.status != "error":
+                    memo.put(key, verdict.model_dump())
+                verdicts[key] = verdict.model_dump()
                 bar.update(1)
             bar.close()
         rows = []
         for (ident, _), key in zip(requests, keys, strict=True):
-            verdict = Verdict.model_validate(memo.get(key))
-            rows.append({**ident, **verdict.model_dump()})
-        memo.close()
-        return {"judged.jsonl": jsonl_text(rows).encode()}
+            got = verdicts.get(key)
+            if got is None:  # the judge yielded nothing for it: as good as an error
+                got = Verdict(score=None, reasoning="no verdict", status="error").model_dump()
+            v = Verdict.model_validate(got)
+            rows.append({**ident, "score": v.score, "reasoning": v.reasoning, "status": v.status})
+        counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "invalid", "error")}
+        return StageResult(
+            {"judged.jsonl": jsonl_text(rows).encode()},
+            errors=counts["error"],
+            details={**counts, "asked": len(todo)},
+        )

@@ -10,14 +10,44 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from spar.spec import Spec
-from spar.stages.base import RunContext, StageKind
+from pydantic import BaseModel, ConfigDict
+
+from spar.stages.base import (
+    GraphContext,
+    Options,
+    Params,
+    RunContext,
+    StageKind,
+    StageNode,
+    StageResult,
+    key,
+)
 from spar.stats import estimate, rate
 from spar.store import read_jsonl
 
+if TYPE_CHECKING:
+    from spar.spec import Spec
+
 MODELS = ("baseline", "finetuned")
+
+
+class Bootstrap(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    resamples: int
+    seed: int
+    confidence: float
+
+
+class ReportParams(Params):
+    mode: Literal["pairwise", "absolute"] = key("judge.mode")
+    scale_min: int = key("judge.scale.min")
+    scale_max: int = key("judge.scale.max")
+    tiers: tuple[str, ...] = key("eval.tiers")  # in the order given
+    exhibits_threshold: int = key("report.exhibits_threshold")
+    bootstrap: Bootstrap = key("report.bootstrap")
 
 
 def _groups(rows: list[dict[str, Any]]) -> list[list[list[float]]]:
@@ -25,21 +55,16 @@ def _groups(rows: list[dict[str, Any]]) -> list[list[list[float]]]:
     by_q: dict[str, list[float]] = defaultdict(list)
     for r in sorted(rows, key=lambda r: r["sample_index"]):
         if r["status"] == "ok":
-            by_q[r["question"]].append(float(r["score"]))
+            by_q[r["question_id"]].append(float(r["score"]))
     return [list(by_q.values())]
 
 
-def summarise(spec: Spec, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    assert spec.eval.tiers is not None
-    boot = spec.report.bootstrap
-    kw: dict[str, Any] = {
-        "resamples": boot.resamples,
-        "seed": boot.seed,
-        "confidence": boot.confidence,
-    }
+def summarise(p: ReportParams, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    boot = p.bootstrap
+    kw: dict[str, Any] = boot.model_dump()
     models = [m for m in MODELS if any(r["model"] == m for r in rows)]
     tiers: dict[str, Any] = {}
-    for tier in spec.eval.tiers:
+    for tier in p.tiers:
         in_tier = [r for r in rows if r["tier"] == tier]
         per: dict[str, Any] = {}
         for model in models:
@@ -47,48 +72,62 @@ def summarise(spec: Spec, rows: list[dict[str, Any]]) -> dict[str, Any]:
             groups = _groups(sel)
             per[model] = {
                 **estimate(groups, **kw).as_json(),
-                "invalid": sum(r["status"] != "ok" for r in sel),
-                "exhibits_rate": rate(groups, spec.report.exhibits_threshold, **kw).as_json(),
+                "invalid": sum(r["status"] == "invalid" for r in sel),
+                "errors": sum(r["status"] == "error" for r in sel),
+                "exhibits_rate": rate(groups, p.exhibits_threshold, **kw).as_json(),
             }
         if models == list(MODELS):
             per["delta"] = paired_delta(in_tier, kw)
         tiers[tier] = per
     return {
-        "experiment": spec.name,
-        "framing": spec.framing,
-        "judge_mode": spec.judge.mode,
-        "scale": {"min": spec.judge.scale.min, "max": spec.judge.scale.max},
-        "exhibits_threshold": spec.report.exhibits_threshold,
+        "judge_mode": p.mode,
+        "scale": {"min": p.scale_min, "max": p.scale_max},
+        "exhibits_threshold": p.exhibits_threshold,
         "bootstrap": boot.model_dump(),
         "models": models,
         "tiers": tiers,
-        "invalid": sum(r["status"] != "ok" for r in rows),
+        "invalid": sum(r["status"] == "invalid" for r in rows),
+        "errors": sum(r["status"] == "error" for r in rows),
     }
 
 
 def paired_delta(rows: list[dict[str, Any]], kw: dict[str, Any]) -> dict[str, Any]:
-    """fine-tuned − baseline per (question, sample index); a pair with an invalid side drops."""
-    scores = {(r["model"], r["question"], r["sample_index"]): r for r in rows}
+    """fine-tuned − baseline per item (question, sample index); a pair with an invalid or
+    errored side is dropped and counted."""
+    base = {r["item_id"]: r for r in rows if r["model"] == "baseline"}
     by_q: dict[str, list[float]] = defaultdict(list)
     dropped = 0
-    for (model, question, index), tuned in sorted(scores.items(), key=lambda kv: kv[0][2]):
-        if model != "finetuned":
-            continue
-        base = scores.get(("baseline", question, index))
-        if base is None or tuned["status"] != "ok" or base["status"] != "ok":
+    tuned_rows = [r for r in rows if r["model"] == "finetuned"]
+    for tuned in sorted(tuned_rows, key=lambda r: r["sample_index"]):
+        b = base.get(tuned["item_id"])
+        if b is None or tuned["status"] != "ok" or b["status"] != "ok":
             dropped += 1
             continue
-        by_q[question].append(float(tuned["score"]) - float(base["score"]))
+        by_q[tuned["question_id"]].append(float(tuned["score"]) - float(b["score"]))
     return {**estimate([list(by_q.values())], **kw).as_json(), "pairs_dropped": dropped}
 
 
-class ReportStage(StageKind):
+class ReportStage(StageKind[ReportParams, Options]):
     kind = "report"
-    version = 2
+    version = 3
     outputs: ClassVar[tuple[str, ...]] = ("summary.json",)
-    param_keys: ClassVar[tuple[str, ...]] = ("report.exhibits_threshold", "report.bootstrap")
+    params_model = ReportParams
 
-    def run(self, ctx: RunContext) -> dict[str, bytes]:
+    def nodes(self, spec: Spec, g: GraphContext) -> list[StageNode[ReportParams, Options]]:
+        r = spec.report
+        params = ReportParams(
+            mode=spec.judge.mode,
+            scale_min=spec.judge.scale.min,
+            scale_max=spec.judge.scale.max,
+            tiers=tuple(dict.fromkeys(q.tier for q in spec.questions())),
+            exhibits_threshold=r.exhibits_threshold,
+            bootstrap=Bootstrap(**r.bootstrap.model_dump()),
+        )
+        return [
+            StageNode("report", self, spec.name, params, Options(), upstream={"judge": "judge"})
+        ]
+
+    def run(self, ctx: RunContext[ReportParams, Options]) -> StageResult:
         rows = read_jsonl(ctx.upstream_file("judge", "judged.jsonl"))
-        summary = summarise(ctx.spec, rows)
-        return {"summary.json": (json.dumps(summary, indent=2) + "\n").encode()}
+        summary = summarise(ctx.params, rows)
+        return StageResult({"summary.json": (json.dumps(summary, indent=2) + "\n").encode()})

@@ -1,134 +1,185 @@
-"""sample: tiers × questions × samples_per_question through a fresh sampling client.
+"""sample: every (question, sample index) through a fresh sampling client.
 
 The baseline (`sample_base`) and the fine-tuned model (`sample_finetuned`) are this one stage kind
-with a different model reference. Every item is memoised by (engine, model reference, rendered
-prompt tokens, sampling parameters, sample index, seed), so a second experiment on the same base
-model reuses the baseline and raising samples_per_question draws only the new indices.
+with a different model reference. Every item is memoised by its key (the stage's parameters less
+the question list and sample count, the model — base or the upstream training run's fingerprint —
+the rendered prompt tokens, the question id and the sample index), so a second experiment on the
+same base model reuses the baseline and raising samples_per_question draws only the new indices.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
-from spar.stages.base import RunContext, StageKind, StageNode
+from spar.items import EvalItem, Question
+from spar.stages.base import (
+    GraphContext,
+    Options,
+    Params,
+    RunContext,
+    StageKind,
+    StageNode,
+    StageResult,
+    key,
+)
+from spar.stages.models import ModelRef, model_ref
 from spar.store import RunStore, hash_json, jsonl_text
 
-
-class SampleRow(BaseModel):
-    tier: str
-    question: str
-    sample_index: int
-    response: str
-    stop_reason: str
+if TYPE_CHECKING:
+    from spar.spec import Spec
 
 
-def item_seed(seed: int, sample_index: int) -> int:
-    """Each sample index has its own seed, so sample k never depends on how many were drawn."""
-    return int(hash_json([seed, sample_index])[:8], 16) & 0x7FFFFFFF
+class Sampling(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    temperature: float
+    top_p: float
+    max_tokens: int
+    seed: int
 
 
-def build_messages(system_prompt: str | None, question: str) -> list[dict[str, str]]:
-    msgs = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    return [*msgs, {"role": "user", "content": question}]
+class SampleParams(Params):
+    collection: ClassVar[frozenset[str]] = frozenset({"questions", "samples_per_question"})
+
+    engine: str = key("model.engine")
+    # the base model (the fine-tuned one is the upstream train's result)
+    model: ModelRef = key("model.base_model")
+    finetuned: bool = key("finetuned")
+    renderer: str = key("model.renderer")
+    system_prompt: str | None = key("eval.system_prompt")
+    sampling: Sampling = key("eval.sampling")
+    questions: tuple[Question, ...] = key("eval.questions")
+    samples_per_question: int = key("eval.samples_per_question")
 
 
-class SampleStage(StageKind):
+class SampleOptions(Options):
+    base_model: str  # a model name, or where a local model directory is
+    concurrency: int = 32
+
+
+def item_seed(seed: int, question_id: str, sample_index: int) -> int:
+    """Each (question, sample index) has its own seed: sample k never depends on how many were
+    drawn, and different questions never share random draws. The base and the fine-tuned model
+    use the same seed for the same item, so their answers are paired draws."""
+    return int(hash_json([seed, question_id, sample_index])[:8], 16) & 0x7FFFFFFF
+
+
+def eval_items(p: SampleParams) -> list[EvalItem]:
+    return [
+        EvalItem.build(q, i, p.system_prompt)
+        for q in p.questions
+        for i in range(p.samples_per_question)
+    ]
+
+
+class SampleStage(StageKind[SampleParams, SampleOptions]):
     kind = "sample"
-    version = 1
+    version = 2
+    item_version = 2
     outputs: ClassVar[tuple[str, ...]] = ("samples.jsonl",)
-    param_keys: ClassVar[tuple[str, ...]] = (
-        "model.engine",
-        "model.base_model",
-        "model.renderer",
-        "eval.tiers",
-        "eval.samples_per_question",
-        "eval.sampling",
-        "eval.system_prompt",
-    )
+    params_model = SampleParams
 
-    def estimate(self, node: StageNode, store: RunStore, upstream_fresh: bool) -> dict[str, int]:
+    def nodes(self, spec: Spec, g: GraphContext) -> list[StageNode[SampleParams, SampleOptions]]:
+        e = spec.eval
+        out: list[StageNode[SampleParams, SampleOptions]] = []
+        for name, finetuned in (("sample_base", False), ("sample_finetuned", True)):
+            params = SampleParams(
+                engine=spec.model.engine,
+                model=model_ref(spec, g),
+                finetuned=finetuned,
+                renderer=spec.model.renderer,
+                system_prompt=e.system_prompt,
+                sampling=Sampling(**e.sampling.model_dump()),
+                questions=tuple(spec.questions()),
+                samples_per_question=e.samples_per_question,
+            )
+            options = SampleOptions(base_model=spec.model.base_model, concurrency=e.concurrency)
+            upstream = {"train": "train"} if finetuned else {}
+            out.append(StageNode(name, self, spec.name, params, options, upstream=upstream))
+        return out
+
+    def estimate(
+        self, node: StageNode[SampleParams, SampleOptions], store: RunStore, upstream_fresh: bool
+    ) -> dict[str, int]:
         """Sampling calls (an upper bound: items already in the memo are not drawn again)."""
-        spec = node.spec
-        assert spec is not None
-        calls = len(spec.questions()) * spec.eval.samples_per_question
-        return {"sample_calls": calls, "sample_tokens_max": calls * spec.eval.sampling.max_tokens}
+        p = node.params
+        calls = len(p.questions) * p.samples_per_question
+        return {"sample_calls": calls, "sample_tokens_max": calls * p.sampling.max_tokens}
 
-    def run(self, ctx: RunContext) -> dict[str, bytes]:
+    def run(self, ctx: RunContext[SampleParams, SampleOptions]) -> StageResult:
         import tinker
         from tqdm import tqdm
 
         from spar.engines import get_engine
         from spar.models import load_renderer
 
-        spec = ctx.spec
-        engine = get_engine(spec.model.engine, ctx.store.scratch("engines", spec.model.engine))
-        if "train" in ctx.node.upstream:
+        p, o = ctx.params, ctx.options
+        engine = get_engine(p.engine, ctx.scratch("engines", p.engine))
+        client_args: dict[str, str]
+        if p.finetuned:
             ckpt = json.loads(ctx.upstream_file("train", "checkpoint.json").read_text())
-            model_ref = {"engine": spec.model.engine, "model_path": ckpt["sampler_path"]}
+            client_args = {"model_path": ckpt["sampler_path"]}
+            model: Any = {"train": ctx.upstream_fps["train"]}
         else:
-            model_ref = {"engine": spec.model.engine, "base_model": spec.model.base_model}
-        renderer = load_renderer(spec.model.renderer, spec.model.base_model)
-        sp = spec.eval.sampling
+            client_args = {"base_model": o.base_model}
+            model = "base"
+        renderer = load_renderer(p.renderer, o.base_model)
+        sp = p.sampling
         sampling = {"temperature": sp.temperature, "top_p": sp.top_p, "max_tokens": sp.max_tokens}
 
-        items: list[tuple[str, str, int, Any, str]] = []  # tier, question, index, prompt, key
-        for tier, question in spec.questions():
-            prompt = renderer.build_generation_prompt(
-                build_messages(spec.eval.system_prompt, question)
-            )
-            for i in range(spec.eval.samples_per_question):
-                key = hash_json(
+        memo = ctx.memo()
+        items = eval_items(p)
+        prompts: dict[tuple[tuple[str, str], ...], Any] = {}
+        keys: list[str] = []
+        for it in items:
+            if it.messages not in prompts:
+                prompts[it.messages] = renderer.build_generation_prompt(it.chat())
+            keys.append(
+                memo.key(
                     {
-                        "model": model_ref,
-                        "prompt": prompt.to_ints(),
-                        "sampling": sampling,
-                        "index": i,
-                        "seed": sp.seed,
+                        "model": model,
+                        "prompt": prompts[it.messages].to_ints(),
+                        "question_id": it.question_id,
+                        "sample_index": it.sample_index,
                     }
                 )
-                items.append((tier, question, i, prompt, key))
-
-        memo = ctx.memo("samples")
-        todo = [it for it in items if it[4] not in memo]
-        if todo:
-            client = engine.create_sampling_client(
-                **{k: v for k, v in model_ref.items() if k != "engine"}
             )
+        done = memo.get_many(keys)
+        todo = [(it, k) for it, k in zip(items, keys, strict=True) if k not in done]
+        if todo:
+            client = engine.create_sampling_client(**client_args)
             stops = renderer.get_stop_sequences()
-            bar = tqdm(total=len(todo), desc=f"sample {ctx.node.name}", leave=False)
-            window = spec.eval.concurrency
+            bar = tqdm(total=len(todo), desc=f"sample {ctx.name}", leave=False)
+            window = o.concurrency
             for start in range(0, len(todo), window):
                 chunk = todo[start : start + window]
                 futures = [
                     client.sample(
-                        prompt,
+                        prompts[it.messages],
                         1,
                         tinker.SamplingParams(
-                            **sampling, seed=item_seed(sp.seed, index), stop=stops
+                            **sampling,
+                            seed=item_seed(sp.seed, it.question_id, it.sample_index),
+                            stop=stops,
                         ),
                     )
-                    for _, _, index, prompt, _ in chunk
+                    for it, _ in chunk
                 ]
-                for (_, _, _, _, key), fut in zip(chunk, futures, strict=True):
+                for (_, key), fut in zip(chunk, futures, strict=True):
                     seq = fut.result().sequences[0]
                     message, _ = renderer.parse_response(list(seq.tokens))
-                    text = (
-                        message["content"]
-                        if isinstance(message["content"], str)
-                        else str(message["content"])
-                    )
-                    memo.put(key, {"response": text, "stop_reason": str(seq.stop_reason)})
+                    content = message["content"]
+                    text = content if isinstance(content, str) else str(content)
+                    value = {"response": text, "stop_reason": str(seq.stop_reason)}
+                    memo.put(key, value)
+                    done[key] = value
                     bar.update(1)
             bar.close()
-        rows = []
-        for tier, question, index, _, key in items:
-            got = memo.get(key)
-            assert got is not None
-            rows.append(
-                SampleRow(tier=tier, question=question, sample_index=index, **got).model_dump()
-            )
-        memo.close()
-        return {"samples.jsonl": jsonl_text(rows).encode()}
+        rows = [{**it.identity(), **done[k]} for it, k in zip(items, keys, strict=True)]
+        return StageResult(
+            {"samples.jsonl": jsonl_text(rows).encode()},
+            details={"items": len(rows), "drawn": len(todo)},
+        )

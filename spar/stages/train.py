@@ -8,21 +8,33 @@ Output: `checkpoint.json` (sampler path, state path, base model, renderer) and `
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from spar.engines.base import Engine, TrainingClient
-from spar.spec import TrainingSpec
-from spar.stages.base import RunContext, StageKind, StageNode
+from spar.stages.base import (
+    GraphContext,
+    Options,
+    Params,
+    RunContext,
+    StageKind,
+    StageNode,
+    StageResult,
+    key,
+)
 from spar.stages.dataset import row_to_datum
-from spar.store import RunStore, jsonl_text, read_jsonl
+from spar.stages.models import ModelRef, model_ref
+from spar.store import RunStore, atomic_write_text, jsonl_text, read_jsonl
+
+if TYPE_CHECKING:
+    from spar.spec import Spec
+    from spar.state import State
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +57,27 @@ def _count_lines(path: Path) -> int:
         return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
 
 
-def learning_rate(cfg: TrainingSpec, step: int, total_steps: int) -> float:
+class LoopConfig(BaseModel):
+    """What the training loop needs: the train stage's parameters plus `save_every`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    lora_rank: int = 32
+    learning_rate: float = 1e-4
+    lr_schedule: Literal["linear", "constant"] = "linear"
+    batch_size: int = 8
+    epochs: int = 1
+    seed: int = 0
+    save_every: int = 0
+
+
+def learning_rate(cfg: LoopConfig, step: int, total_steps: int) -> float:
     if cfg.lr_schedule == "constant":
         return cfg.learning_rate
     return cfg.learning_rate * (1.0 - step / total_steps)
 
 
-def batches(rows: list[dict[str, Any]], cfg: TrainingSpec) -> list[list[dict[str, Any]]]:
+def batches(rows: list[dict[str, Any]], cfg: LoopConfig) -> list[list[dict[str, Any]]]:
     """Every epoch reshuffles (seeded); the last batch of an epoch may be short."""
     out: list[list[dict[str, Any]]] = []
     for epoch in range(cfg.epochs):
@@ -73,7 +99,6 @@ def mean_nll(output: Any, datums: list[Any]) -> float:
 
 
 CHECKPOINTS = "checkpoints.jsonl"  # tinker-cookbook's shape: name, batch, state_path, ...
-STEPS = "steps.jsonl"  # one metrics row per applied batch, appended before its checkpoint
 
 
 @dataclass(frozen=True)
@@ -91,36 +116,54 @@ class _Resume:
     metrics: list[dict[str, Any]]
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Complete JSON lines only: a line cut short by a crash is ignored."""
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
+class TrainJournal:
+    """One training run's journals in the state database: a metrics row per applied batch and a
+    row per saved state, each committed at once. The checkpoint rows are mirrored to
+    `<mirror>/checkpoints.jsonl` in tinker-cookbook's format, for its tools."""
+
+    def __init__(self, state: State, run: str, mirror: Path | None = None) -> None:
+        self.state, self.run, self.mirror = state, run, mirror
+
+    def steps(self) -> list[dict[str, Any]]:
+        return self.state.train_steps(self.run)
+
+    def checkpoints(self) -> list[dict[str, Any]]:
+        return self.state.train_checkpoints(self.run)
+
+    def step(self, row: dict[str, Any]) -> None:
+        self.state.train_step_put(self.run, int(row["step"]), row)
+
+    def keep_steps_below(self, batch: int) -> None:
+        self.state.train_steps_truncate(self.run, batch)
+
+    def checkpoint(self, name: str, batch: int, **fields: str | bool) -> None:
+        self.state.train_checkpoint_add(self.run, {"name": name, "batch": batch, **fields})
+        self._mirror()
+
+    def reset(self) -> None:
+        self.state.train_reset(self.run)
+        self._mirror()
+
+    def _mirror(self) -> None:
+        if self.mirror is not None:
+            atomic_write_text(self.mirror / CHECKPOINTS, jsonl_text(self.checkpoints()))
 
 
-def resume_point(workdir: Path, total: int) -> _Resume | None:
-    """The last saved state of an interrupted run in `workdir`, if it can be continued.
+def resume_point(journal: TrainJournal, total: int) -> _Resume | None:
+    """The last saved state of an interrupted run, if it can be continued.
 
     A checkpoint row's `batch` is the number of batches already applied (tinker-cookbook's
     meaning), so training resumes *at* batch index `batch`; the batch before it is never
-    replayed. Its metrics must be in the steps journal for steps 0..batch-1.
+    replayed. Its metrics must be in the journal for steps 0..batch-1.
     """
-    rows = [r for r in _read_jsonl(workdir / CHECKPOINTS) if r.get("state_path")]
+    rows = [r for r in journal.checkpoints() if r.get("state_path")]
     if not rows:
         return None
     last = rows[-1]
     batch = int(last["batch"])
-    steps: dict[int, dict[str, Any]] = {}
-    for row in _read_jsonl(workdir / STEPS):
-        steps.setdefault(int(row["step"]), row)
+    steps = {int(r["step"]): r for r in journal.steps()}
     if not 0 < batch <= total or any(i not in steps for i in range(batch)):
-        log.warning("%s: cannot resume from %s; training from the start", workdir, last["name"])
+        log.warning("%s: cannot resume from %s; training from the start", journal.run, last["name"])
         return None
     return _Resume(batch, str(last["state_path"]), [steps[i] for i in range(batch)])
 
@@ -129,26 +172,25 @@ def train_loop(
     engine: Engine,
     base_model: str,
     rows: list[dict[str, Any]],
-    cfg: TrainingSpec,
+    cfg: LoopConfig,
     run_id: str,
-    workdir: Path,
+    journal: TrainJournal,
     on_step: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainResult:
-    """Train, resuming from the last state saved in `workdir` by an interrupted run.
+    """Train, resuming from the last state an interrupted run saved in `journal`.
 
-    `workdir` holds `checkpoints.jsonl` and the per-step metrics journal `steps.jsonl`; both
-    are appended and flushed as training goes, so a crash (even SIGKILL) loses at most the
-    steps since the last `save_state`. The learning-rate schedule is a function of the global
-    step, so a resumed run continues it where it stopped.
+    Every step's metrics and every saved state are committed to the journal as training goes,
+    so a crash (even SIGKILL) loses at most the steps since the last `save_state`. The journal
+    is kept after training: a re-run with the same fingerprint resumes at the final state and
+    applies no batch again. The learning-rate schedule is a function of the global step, so a
+    resumed run continues it where it stopped.
     """
     import tinker
     from tqdm import tqdm
 
     plan = batches(rows, cfg)
     total = len(plan)
-    ckpt_log, journal = workdir / CHECKPOINTS, workdir / STEPS
-    workdir.mkdir(parents=True, exist_ok=True)
-    resume = resume_point(workdir, total)
+    resume = resume_point(journal, total)
     load = getattr(engine, "create_training_client_from_state_with_optimizer", None)
     client: TrainingClient
     if resume is not None and load is not None:
@@ -157,9 +199,7 @@ def train_loop(
         )
         client = load(resume.state_path, base_model=base_model)
         start, metrics = resume.batch, list(resume.metrics)
-        # drop steps applied after the saved state, and any line a crash cut short
-        _rewrite_jsonl(journal, metrics)
-        _rewrite_jsonl(ckpt_log, _read_jsonl(ckpt_log))
+        journal.keep_steps_below(start)  # steps applied after the saved state are redone
     else:
         if resume is not None:
             log.warning(
@@ -167,99 +207,121 @@ def train_loop(
             )
         client = engine.create_lora_training_client(base_model, rank=cfg.lora_rank, seed=cfg.seed)
         start, metrics = 0, []
-        ckpt_log.unlink(missing_ok=True)
-        journal.unlink(missing_ok=True)
-    with journal.open("a") as steps_out:
-        for step in tqdm(
-            range(start, total), desc="train", unit="step", leave=False, initial=start, total=total
-        ):
-            batch = plan[step]
-            datums = [row_to_datum(r) for r in batch]
-            lr = learning_rate(cfg, step, total)
-            fb = client.forward_backward(datums, "cross_entropy")
-            opt = client.optim_step(tinker.AdamParams(learning_rate=lr))
-            loss = mean_nll(fb.result(), datums)
-            opt.result()
-            row = {"step": step, "learning_rate": lr, "loss": loss, "batch_size": len(batch)}
-            metrics.append(row)
-            steps_out.write(json.dumps(row) + "\n")
-            steps_out.flush()
-            if on_step is not None:
-                on_step(row)
-            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
-                path = client.save_state(f"{run_id}-step{step + 1:06d}").result().path
-                _log_checkpoint(ckpt_log, f"step{step + 1:06d}", step + 1, state_path=path)
+        journal.reset()
+    for step in tqdm(
+        range(start, total), desc="train", unit="step", leave=False, initial=start, total=total
+    ):
+        batch = plan[step]
+        datums = [row_to_datum(r) for r in batch]
+        lr = learning_rate(cfg, step, total)
+        fb = client.forward_backward(datums, "cross_entropy")
+        opt = client.optim_step(tinker.AdamParams(learning_rate=lr))
+        loss = mean_nll(fb.result(), datums)
+        opt.result()
+        row = {"step": step, "learning_rate": lr, "loss": loss, "batch_size": len(batch)}
+        metrics.append(row)
+        journal.step(row)
+        if on_step is not None:
+            on_step(row)
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
+            path = client.save_state(f"{run_id}-step{step + 1:06d}").result().path
+            journal.checkpoint(f"step{step + 1:06d}", step + 1, state_path=path)
     state = client.save_state(f"{run_id}-final").result().path
     sampler = client.save_weights_for_sampler(f"{run_id}-final").result().path
-    _log_checkpoint(ckpt_log, "final", total, state_path=state, sampler_path=sampler, final=True)
+    journal.checkpoint("final", total, state_path=state, sampler_path=sampler, final=True)
     return TrainResult(sampler, state, metrics, resumed_at=start)
 
 
-def _rewrite_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
+class TrainParams(Params):
+    engine: str = key("model.engine")
+    model: ModelRef = key("model.base_model")
+    lora_rank: int = key("training.lora_rank")
+    learning_rate: float = key("training.learning_rate")
+    lr_schedule: Literal["linear", "constant"] = key("training.lr_schedule")
+    batch_size: int = key("training.batch_size")
+    epochs: int = key("training.epochs")
+    seed: int = key("training.seed")
 
 
-def _log_checkpoint(log: Path, name: str, batch: int, **fields: str | bool) -> None:
-    """One row per checkpoint, in tinker-cookbook's `checkpoints.jsonl` shape."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("a") as f:
-        f.write(json.dumps({"name": name, "batch": batch, **fields}) + "\n")
-        f.flush()
+class TrainOptions(Options):
+    base_model: str  # a model name, or where a local model directory is
+    renderer: str  # recorded in checkpoint.json for the sampling stage's convenience
+    save_every: int
+    docs: Path | None = None  # for a token estimate before the dataset exists
+    max_length: int | None = None
 
 
-class TrainStage(StageKind):
+def run_id(fingerprint: str) -> str:
+    """The engine-side name of a training run: by fingerprint only, so two experiments with the
+    same training share it (and the run cache) whatever they are called."""
+    return f"spar-{fingerprint[:16]}"
+
+
+class TrainStage(StageKind[TrainParams, TrainOptions]):
     kind = "train"
-    version = 1
+    version = 2
     outputs: ClassVar[tuple[str, ...]] = ("checkpoint.json", "metrics.jsonl")
-    param_keys: ClassVar[tuple[str, ...]] = (
-        "model.engine",
-        "model.base_model",
-        "training.lora_rank",
-        "training.learning_rate",
-        "training.lr_schedule",
-        "training.batch_size",
-        "training.epochs",
-        "training.seed",
-    )
+    params_model = TrainParams
 
-    def estimate(self, node: StageNode, store: RunStore, upstream_fresh: bool) -> dict[str, int]:
-        """Training tokens: exact from a fresh dataset output, else ~4 bytes a token of docs."""
-        spec = node.spec
-        assert spec is not None
-        built = store.stage_dir(node.experiment, "dataset") / "train.jsonl"
-        if upstream_fresh and built.exists():
-            per_epoch = sum(len(r["input"]) for r in read_jsonl(built))
-        else:
-            per_epoch = spec.data.docs.stat().st_size // 4
-            if spec.training.max_length is not None:
-                per_epoch = min(per_epoch, _count_lines(spec.data.docs) * spec.training.max_length)
-        return {"training_tokens": per_epoch * spec.training.epochs}
-
-    def run(self, ctx: RunContext) -> dict[str, bytes]:
-        from spar.engines import get_engine
-
-        spec = ctx.spec
-        rows = read_jsonl(ctx.upstream_file("dataset", "train.jsonl"))
-        engine = get_engine(spec.model.engine, ctx.store.scratch("engines", spec.model.engine))
-        run_id = f"{spec.name}-{ctx.fingerprint[:12]}"
-        workdir = ctx.store.scratch("train", ctx.fingerprint[:16])
-        result = train_loop(engine, spec.model.base_model, rows, spec.training, run_id, workdir)
-        sampler, state, metrics = result.sampler_path, result.state_path, result.metrics
-        record = CheckpointRecord(
+    def nodes(self, spec: Spec, g: GraphContext) -> list[StageNode[TrainParams, TrainOptions]]:
+        t = spec.training
+        params = TrainParams(
             engine=spec.model.engine,
+            model=model_ref(spec, g),
+            lora_rank=t.lora_rank,
+            learning_rate=t.learning_rate,
+            lr_schedule=t.lr_schedule,
+            batch_size=t.batch_size,
+            epochs=t.epochs,
+            seed=t.seed,
+        )
+        options = TrainOptions(
             base_model=spec.model.base_model,
             renderer=spec.model.renderer,
-            sampler_path=sampler,
-            state_path=state,
-            steps=len(metrics),
+            save_every=t.save_every,
+            docs=spec.data.docs,
+            max_length=t.max_length,
+        )
+        return [
+            StageNode("train", self, spec.name, params, options, upstream={"dataset": "dataset"})
+        ]
+
+    def estimate(
+        self, node: StageNode[TrainParams, TrainOptions], store: RunStore, upstream_fresh: bool
+    ) -> dict[str, int]:
+        """Training tokens: exact from a fresh dataset output, else ~4 bytes a token of docs."""
+        built = store.stage_dir(node.experiment, "dataset") / "train.jsonl"
+        docs, max_length = node.options.docs, node.options.max_length
+        if upstream_fresh and built.exists():
+            per_epoch = sum(len(r["input"]) for r in read_jsonl(built))
+        elif docs is not None and docs.exists():
+            per_epoch = docs.stat().st_size // 4
+            if max_length is not None:
+                per_epoch = min(per_epoch, _count_lines(docs) * max_length)
+        else:
+            return {}
+        return {"training_tokens": per_epoch * node.params.epochs}
+
+    def run(self, ctx: RunContext[TrainParams, TrainOptions]) -> StageResult:
+        from spar.engines import get_engine
+
+        p, o = ctx.params, ctx.options
+        rows = read_jsonl(ctx.upstream_file("dataset", "train.jsonl"))
+        engine = get_engine(p.engine, ctx.scratch("engines", p.engine))
+        cfg = LoopConfig(**p.model_dump(exclude={"engine", "model"}), save_every=o.save_every)
+        rid = run_id(ctx.fingerprint)
+        journal = TrainJournal(ctx.store.state, ctx.fingerprint, ctx.scratch("train", rid))
+        result = train_loop(engine, o.base_model, rows, cfg, rid, journal)
+        record = CheckpointRecord(
+            engine=p.engine,
+            base_model=o.base_model,
+            renderer=o.renderer,
+            sampler_path=result.sampler_path,
+            state_path=result.state_path,
+            steps=len(result.metrics),
         )
         outputs = {
             "checkpoint.json": (record.model_dump_json(indent=2) + "\n").encode(),
-            "metrics.jsonl": jsonl_text(metrics).encode(),
+            "metrics.jsonl": jsonl_text(result.metrics).encode(),
         }
-        # done: a later run with this fingerprint (outputs deleted) trains afresh
-        for name in (CHECKPOINTS, STEPS):
-            (workdir / name).unlink(missing_ok=True)
-        return outputs
+        return StageResult(outputs, details={"steps_run": len(result.metrics) - result.resumed_at})

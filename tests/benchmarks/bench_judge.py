@@ -53,32 +53,27 @@ def run(args: argparse.Namespace) -> None:
     import anthropic
 
     from spar.judges.anthropic import AnthropicJudge
-    from spar.judges.base import JudgeRequest
-    from spar.judges.rubric import context, render
-    from spar.spec import JudgeSpec
+    from spar.judges.base import JudgeConfig, JudgeRequest
 
-    rubric = ROOT / "prompts/factory_farming_absolute.j2"
-    spec = JudgeSpec(kind="anthropic", model="claude-bench", rubric=rubric, mode="absolute")
+    # the bundled rubric, its variables filled in by plain substitution (no Jinja logic in it)
+    rubric = (ROOT / "prompts/factory_farming_absolute.j2").read_text()
+    rubric = rubric.replace("{{ scale_min }}", "1").replace("{{ scale_max }}", "5")
+    prefix = rubric[: rubric.index("{{ question }}")]
+    config = JudgeConfig(
+        kind="anthropic", model="claude-bench", mode="absolute", static_prefix=prefix
+    )
     words = ["tea", "a farm visit", "animal welfare", "livestock and farm animals", "books"]
     reqs = []
     for n in range(args.items):
         question, answer = f"Question {n}?", f"Answer {n}: {words[n % len(words)]}."
-        ctx = context(
-            "absolute",
-            tier="distant",
-            question=question,
-            response=answer,
-            baseline_response=None,
-            scale_min=1,
-            scale_max=5,
-        )
-        reqs.append(JudgeRequest(prompt=render(rubric, ctx), question=question, response=answer))
+        prompt = rubric.replace("{{ question }}", question).replace("{{ response }}", answer)
+        reqs.append(JudgeRequest(prompt=prompt, question=question, response=answer))
 
     # warm-up (imports, connection setup) outside the timings
-    list(AnthropicJudge(spec).judge_many(reqs[:4], 4))
+    list(AnthropicJudge(config).judge_many(reqs[:4], 4))
 
     t0 = time.perf_counter()
-    verdicts = dict(AnthropicJudge(spec).judge_many(reqs, args.concurrency))
+    verdicts = dict(AnthropicJudge(config).judge_many(reqs, args.concurrency))
     wall = time.perf_counter() - t0
     assert len(verdicts) == args.items
     assert all(v.status == "ok" for v in verdicts.values())
@@ -89,8 +84,8 @@ def run(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     for req in sub:
         client.messages.create(
-            model=spec.model,
-            max_tokens=req.max_tokens,
+            model=config.model,
+            max_tokens=config.max_tokens,
             messages=[{"role": "user", "content": req.prompt}],
         )
     seq = time.perf_counter() - t0
