@@ -17,7 +17,8 @@ answer from then on. Entries: `ok`, `429` (with `retry-after`), `529` (overloade
 `hang` (never answers), `garbage` (a reply without JSON), `range` (score 99), `float` (score 2.5),
 `point0` (the right score written as a JSON float, e.g. `3.0`), `batch_error` (the batch result is
 `errored`); a trailing `+` repeats an entry forever. Every request for a prompt (SDK retries,
-re-asks and batch entries alike) counts as one attempt.
+re-asks and batch entries alike) counts as one attempt. `heal()` ends every scripted fault (the
+outage is over): from then on every request is answered normally.
 
 A batch can be made to disappear (`expire(batch_id)`: 404 for retrieve and results, as for an
 expired or deleted batch) or to lose its results only (`expire(batch_id, results_only=True)`).
@@ -137,6 +138,7 @@ class AnthropicServer:
         self.not_before: dict[str, float] = {}
         self.cache_marks: Counter[str] = Counter()  # prefix digest -> requests that marked it
         self.batches: dict[str, dict[str, Any]] = {}
+        self.healed = False  # True: scripted faults are ignored
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._drop_held = threading.Event()
@@ -173,6 +175,11 @@ class AnthropicServer:
             self.hold_after = None
             self._drop_held.set()
 
+    def heal(self) -> None:
+        """Every scripted fault ends: later requests are answered normally."""
+        with self._cond:
+            self.healed = True
+
     def prompts(self, path: str = "/v1/messages", since: int = 0) -> Counter[str]:
         with self._cond:
             return Counter(s.prompt for s in self.requests[since:] if s.path == path)
@@ -184,7 +191,8 @@ class AnthropicServer:
         with self._cond:
             attempt = self.attempts[prompt]
             self.attempts[prompt] += 1
-            seen = Seen(path, prompt, attempt, behaviour(prompt, attempt), body, headers)
+            outcome = "ok" if self.healed else behaviour(prompt, attempt)
+            seen = Seen(path, prompt, attempt, outcome, body, headers)
             if seen.t < self.not_before.pop(prompt, 0.0):
                 self.early_retries += 1
             content = body["messages"][0]["content"]

@@ -7,17 +7,22 @@ dummy. Assertions are on counts and outcomes the server recorded, never on durat
 from __future__ import annotations
 
 import json
+import re
 import signal
+import sqlite3
+import subprocess
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
-from anthropic_server import AnthropicServer, digest, judgement
+from anthropic_server import AnthropicServer, digest, judgement, prompt_of
+from conftest import Project, Result
 
 from spar.errors import RunError
 from spar.judges.anthropic import ABORT_AFTER_FAILURES, AnthropicJudge, request_id
 from spar.judges.base import JudgeConfig, JudgeRequest, Verdict
+from spar.state import State
 
 MESSAGES = "/v1/messages"
 BATCHES = "/v1/messages/batches"
@@ -473,68 +478,322 @@ def test_an_expired_batch_does_not_block_its_items_are_asked_again(
     assert journal.calls[-1] == ("collected", batch_id) and journal.pending() == []
 
 
-# ------------------------------------------------------------------------------ spec keys
+# ------------------------------------------------------------------------------ CLI
+#
+# `spar plan` / `spar apply` on the `project` fixture (tests/conftest.py: the fake engine, 4
+# questions x 2 samples, pairwise: 8 judge items) with `judge.kind: anthropic` against the local
+# server. A question carrying a `[[faults: ...]]` script reaches the server inside the rendered
+# rubric, so faults are scripted per item: `use_claude(project, fault=...)` gives the `close`
+# tier's question (2 of the 8 items) a script. Each test names, in a comment, the production
+# mutations that make it fail.
+
+LUNCH = "What should I pack for lunch?"
+STAGES_BEFORE_JUDGE = ("dataset", "train", "sample_base", "sample_finetuned")
 
 
-@pytest.mark.skip(reason="core v2: lead rewrites")
-def test_batch_is_cosmetic_and_max_reasks_is_a_parameter(project) -> None:
-    from spar.plan import build_graph
-    from spar.spec import load_spec
+def use_claude(project: Project, fault: str | None = None, **judge: object) -> None:
+    def edit(d: dict) -> None:
+        d["judge"].update(kind="anthropic", model="claude-test", **judge)
+        if fault is not None:
+            d["eval"]["tiers"]["close"] = [f"{LUNCH} [[faults: {fault}]]"]
 
-    spec = load_spec(project.spec)
+    project.edit(edit)
 
-    def judge_params(**update: object) -> dict:
-        s = spec.model_copy(update={"judge": spec.judge.model_copy(update=update)})
-        return next(n.params for n in build_graph(s) if n.name == "judge")
 
-    assert judge_params(batch=True) == judge_params(batch=False)
-    assert judge_params(max_reasks=5) != judge_params(max_reasks=2)
+def set_judge(project: Project, **judge: object) -> None:
+    project.edit(lambda d: d["judge"].update(judge))
+
+
+def apply(project: Project, capsys: pytest.CaptureFixture[str], *args: str) -> Result:
+    return project.spar("apply", str(project.spec), *args, capsys=capsys)
+
+
+def plan(project: Project, capsys: pytest.CaptureFixture[str]) -> dict[str, dict]:
+    """`spar plan --json`, by stage."""
+    r = project.spar("plan", str(project.spec), "--json", capsys=capsys)
+    assert r.code == 0, r.err
+    return {row["stage"]: row for row in json.loads(r.out)}
+
+
+def all_fresh(project: Project, capsys: pytest.CaptureFixture[str]) -> bool:
+    return all(row["status"] == "fresh" for row in plan(project, capsys).values())
+
+
+def judged(project: Project) -> list[dict]:
+    text = (project.runs / "exp/judge/judged.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def scripted(prompts: Counter[str]) -> set[str]:
+    """The prompts of the items whose question carries a fault script."""
+    return {p for p in prompts if "[[faults:" in p}
+
+
+def memo_values(project: Project, ns: str = "judge") -> list[dict]:
+    """Every value journaled in the item memo (runs/.spar/state.db) under one stage kind."""
+    con = sqlite3.connect(project.runs / ".spar/state.db")
+    try:
+        rows = con.execute("SELECT value FROM memo WHERE ns = ?", (ns,)).fetchall()
+    finally:
+        con.close()
+    return [json.loads(value) for (value,) in rows]
+
+
+def pending_batches(project: Project) -> list[tuple[str, set[str]]]:
+    """Message Batches journaled as submitted and not yet collected."""
+    with State(project.runs / ".spar/state.db") as state:
+        return state.batch_journal("anthropic").pending()
+
+
+def finish(p: subprocess.Popen[str], timeout: float = 120) -> tuple[str, str]:
+    """A spar process's output; it must end within `timeout` seconds (killed and failed if not)."""
+    try:
+        return p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        _, err = p.communicate()
+        pytest.fail(f"spar still running after {timeout} s (blocked?): {err[-2000:]}")
+
+
+def kill_when(
+    p: subprocess.Popen[str], server: AnthropicServer, reached: Callable[[AnthropicServer], bool]
+) -> None:
+    """SIGKILL the spar process once the server has seen `reached` (the process must not end
+    before)."""
+    while not server.wait_for(reached, timeout=1.0):
+        assert p.poll() is None, p.communicate()[1]
+    p.send_signal(signal.SIGKILL)
+    p.communicate(timeout=60)
+    assert p.returncode == -signal.SIGKILL
+
+
+# ------------------------------------------------------------------------------ CLI: spec keys
+
+
+def test_batch_is_cosmetic_and_max_reasks_is_a_parameter(
+    project: Project, server: AnthropicServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Fails if judge.batch entered the judge stage's params (JudgeParams; batch: true would be
+    # stale and re-run), or if max_reasks left them (e.g. "max_reasks" dropped from
+    # AnthropicJudge.receives: the raise would leave the judge fresh).
+    use_claude(project)
+    assert apply(project, capsys).code == 0
+    sent = len(server.requests)
+    assert sent == 8
+
+    set_judge(project, batch=True)
+    assert all_fresh(project, capsys)
+    r = apply(project, capsys)
+    assert r.code == 0 and "nothing to do" in r.out
+    assert len(server.requests) == sent and server.batches == {}
+
+    set_judge(project, max_reasks=3)
+    stages = plan(project, capsys)
+    assert (stages["judge"]["status"], stages["judge"]["reasons"]) == (
+        "stale",
+        ["judge.max_reasks: 2 -> 3"],
+    )
+    assert all(stages[s]["status"] == "fresh" for s in STAGES_BEFORE_JUDGE)
+
+
+def test_temperature_edit_with_claude_makes_nothing_stale_and_sends_nothing(
+    project: Project, server: AnthropicServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Fails if the anthropic judge declared "temperature" in AnthropicJudge.receives (or the
+    # judge stage put judge.temperature into JudgeParams regardless): the edit would make the
+    # judge stale and re-bill every item; or if AnthropicJudge.params sent a temperature.
+    use_claude(project, temperature=0.0)
+    assert apply(project, capsys).code == 0
+    assert len(server.requests) == 8
+    assert all("temperature" not in s.body for s in server.requests)
+
+    set_judge(project, temperature=0.7)
+    assert all_fresh(project, capsys)
+    r = apply(project, capsys)
+    assert r.code == 0 and "nothing to do" in r.out
+    assert len(server.requests) == 8
+
+
+def test_raising_max_reasks_reasks_exactly_the_invalid_verdicts(
+    project: Project, server: AnthropicServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Fails if an invalid verdict were reused whatever the budget (judge.reusable ignoring
+    # `asks`: nothing asked), or if max_reasks were in the item keys (dropped from
+    # JudgeParams.validity: all 8 items asked again).
+    use_claude(project, fault="garbage+", max_reasks=1)
+    assert apply(project, capsys).code == 0
+    first = server.prompts()
+    bad = scripted(first)
+    assert len(first) == 8 and len(bad) == 2
+    assert {p: n for p, n in first.items() if p in bad} == dict.fromkeys(bad, 2)  # 1 + 1 re-ask
+    assert sorted(r["status"] for r in judged(project)) == ["invalid"] * 2 + ["ok"] * 6
+
+    mark = len(server.requests)
+    set_judge(project, max_reasks=3)
+    stages = plan(project, capsys)
+    assert stages["judge"]["status"] == "stale"
+    assert stages["judge"]["estimate"]["judge_calls"] == 2  # the memo-aware estimate agrees
+    r = apply(project, capsys)
+    assert r.code == 0, r.err
+    assert "ran exp / judge" in r.out and "sample_" not in r.out
+    # only the invalid ones, each asked 1 + 3 times; no ok verdict asked again
+    assert server.prompts(since=mark) == Counter(dict.fromkeys(bad, 4))
+    rows = judged(project)
+    assert sorted(r["status"] for r in rows) == ["invalid"] * 2 + ["ok"] * 6
+    assert all(
+        r["reasoning"].startswith("no usable answer in 4 asks")
+        for r in rows
+        if r["status"] == "invalid"
+    )
+    assert all_fresh(project, capsys)
+
+
+# ------------------------------------------------------------------------------ CLI: outcomes
+
+
+def test_calls_failing_past_the_retries_leave_the_run_incomplete_until_asked_again(
+    project: Project,
+    server: AnthropicServer,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Fails if a call that failed after the SDK's retries became a verdict (status "invalid" in
+    # wire.Run.judge_item: exit 0, never asked again), if the judge stage did not report its
+    # errors (StageResult.errors = 0: exit 0, stage complete), or if error verdicts were
+    # journaled and reused (the next apply would ask nothing).
+    monkeypatch.setenv("SPAR_ANTHROPIC_MAX_RETRIES", "1")
+    use_claude(project, fault="500+")
+    r = apply(project, capsys)
+    assert r.code == 1
+    lines = [line for line in r.err.splitlines() if "incomplete" in line]
+    assert len(lines) == 1 and lines[0].startswith("spar: incomplete:"), r.err
+    assert "exp/judge: 2" in lines[0] and "Traceback" not in r.err
+    first = server.prompts()
+    bad = scripted(first)
+    assert len(first) == 8 and len(bad) == 2
+    assert {p: n for p, n in first.items() if p in bad} == dict.fromkeys(bad, 2)  # 1 + 1 retry
+
+    rows = judged(project)
+    errored = [r for r in rows if r["status"] == "error"]
+    assert len(errored) == 2 and all(r["score"] is None for r in errored)
+    assert {r["question"] for r in errored} == {f"{LUNCH} [[faults: 500+]]"}
+    assert "500 api_error" in errored[0]["reasoning"]
+    assert all(r["status"] == "ok" for r in rows if r["status"] != "error")
+    summary = json.loads((project.runs / "exp/report/summary.json").read_text())
+    assert (summary["errors"], summary["invalid"]) == (2, 0)
+    assert summary["tiers"]["close"]["finetuned"]["errors"] == 2
+    stages = plan(project, capsys)
+    assert stages["judge"]["status"] == "stale"
+    assert stages["judge"]["reasons"][0].startswith("incomplete: 2 items ended in error")
+    assert all(stages[s]["status"] == "fresh" for s in STAGES_BEFORE_JUDGE)
+
+    server.heal()  # the outage is over
+    mark = len(server.requests)
+    r = apply(project, capsys)
+    assert r.code == 0, r.err
+    assert "incomplete" not in r.err and "sample_" not in r.out
+    assert server.prompts(since=mark) == Counter(bad)  # exactly the failed items, once each
+    assert all(r["status"] == "ok" for r in judged(project))
+    summary = json.loads((project.runs / "exp/report/summary.json").read_text())
+    assert (summary["errors"], summary["invalid"]) == (0, 0)
+    assert all_fresh(project, capsys)
+
+
+def test_retry_invalid_reasks_exactly_the_invalid_verdicts(
+    project: Project, server: AnthropicServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Fails if --retry-invalid did not re-ask them (judge.reusable ignoring retry_invalid:
+    # nothing asked, still invalid), or re-asked ok verdicts too (all 8 asked).
+    # max_reasks 2: three unusable answers make an item invalid; its next ask gets a good one
+    use_claude(project, fault="garbage, garbage, garbage, ok")
+    assert apply(project, capsys).code == 0
+    first = server.prompts()
+    bad = scripted(first)
+    assert len(first) == 8 and len(bad) == 2
+    assert {p: n for p, n in first.items() if p in bad} == dict.fromkeys(bad, 3)
+    assert sorted(r["status"] for r in judged(project)) == ["invalid"] * 2 + ["ok"] * 6
+    assert all_fresh(project, capsys)  # without the flag, an invalid verdict stands
+    assert "nothing to do" in apply(project, capsys).out
+
+    mark = len(server.requests)
+    r = apply(project, capsys, "--retry-invalid")
+    assert r.code == 0, r.err
+    assert "ran exp / judge" in r.out and "sample_" not in r.out
+    assert server.prompts(since=mark) == Counter(bad)
+    assert all(r["status"] == "ok" for r in judged(project))
+    assert all_fresh(project, capsys)
+    r = apply(project, capsys, "--retry-invalid")  # nothing invalid is left
+    assert r.code == 0 and "nothing to do" in r.out
+    assert len(server.prompts(since=mark)) == 2
+
+
+@pytest.mark.parametrize("batch", [False, True], ids=["direct", "batch"])
+def test_claude_scores_in_judged_jsonl_are_integers(
+    project: Project, server: AnthropicServer, capsys: pytest.CaptureFixture[str], batch: bool
+) -> None:
+    # The scripted items' replies write the score as a JSON float (`5.0`). Fails if the score
+    # read were kept as it came (parsing.read_verdict without int()) or written as a float
+    # (judge.py's rows), on the first run or when the rows are rebuilt from the memo.
+    use_claude(project, fault="point0+", batch=batch)
+    assert apply(project, capsys).code == 0
+    assert sum(s.outcome == "point0" for s in server.requests) == 2  # floats were sent
+
+    def scores() -> list[object]:
+        text = (project.runs / "exp/judge/judged.jsonl").read_text()
+        assert not re.search(r'"score": *-?\d+\.', text)
+        return [json.loads(line)["score"] for line in text.splitlines()]
+
+    assert len(scores()) == 8 and all(type(s) is int for s in scores())
+    # a validity edit re-runs the stage from the memo alone: the rows are rebuilt, nothing asked
+    sent = len(server.requests)
+    set_judge(project, max_reasks=3)
+    r = apply(project, capsys)
+    assert r.code == 0 and "ran exp / judge" in r.out
+    assert len(server.requests) == sent
+    assert len(scores()) == 8 and all(type(s) is int for s in scores())
 
 
 # ------------------------------------------------------------------------------ crash safety
 
 
-@pytest.mark.skip(reason="core v2: lead rewrites")
-def test_sigkill_mid_judging_then_reapply_judges_nothing_twice(project, server) -> None:
+def test_sigkill_mid_judging_then_reapply_judges_nothing_twice(
+    project: Project, server: AnthropicServer
+) -> None:
     """Exact bound: each prompt reaches the server at most 1 + [in flight at the kill] times.
 
     The server answers the first 6 judge requests and holds every later one unanswered. The
     judge frees an item's slot only after the stage has journaled its verdict, so once all 4
-    slots (judge.concurrency) hold unanswered requests, every answered item is in the journal:
-    the kill loses exactly the 4 held ones, and the re-apply asks for each unjournaled prompt
-    once, the 4 held ones being the only prompts the server ever sees twice.
+    slots (judge.concurrency) hold unanswered requests, every answered item is in the memo
+    (runs/.spar/state.db): the kill loses exactly the 4 held ones, and the re-apply asks for
+    each unjournaled prompt once, the 4 held ones being the only prompts the server sees twice.
     """
+    # Fails if a slot were freed before the stage journaled the verdict (wire.Run.direct
+    # releasing right after judge_item: more than 4 requests in flight, answered ones lost), or
+    # if the stage journaled only at the end (memo.put after the loop: nothing journaled).
     concurrency, answered_first = 4, 6
 
-    def to_anthropic(d: dict) -> None:
-        d["judge"].update(kind="anthropic", model="claude-test", concurrency=concurrency)
+    def more_samples(d: dict) -> None:
         d["eval"]["samples_per_question"] = 4  # 4 questions x 4 samples: 16 pairwise items
 
-    project.edit(to_anthropic)
+    use_claude(project, concurrency=concurrency)
+    project.edit(more_samples)
     server.hold_after = answered_first
     env = {"ANTHROPIC_BASE_URL": server.url, "SPAR_ANTHROPIC_TIMEOUT": "60"}
     p = project.spar_proc("apply", str(project.spec), **env)
-    while not server.wait_for(lambda s: len(s.held) >= concurrency, timeout=1.0):
-        assert p.poll() is None, p.communicate()[1]
-    p.send_signal(signal.SIGKILL)
-    p.communicate(timeout=60)
-    assert p.returncode == -signal.SIGKILL
+    kill_when(p, server, lambda s: len(s.held) >= concurrency)
 
     first = server.prompts()
     held = set(server.held)
     answered = set(first) - held
     assert len(held) == concurrency and len(answered) == answered_first
     assert max(first.values()) == 1
-    journal = project.runs / ".spar/memo/judgments.jsonl"
-    journaled = [
-        json.loads(line)["value"]["reasoning"] for line in journal.read_text().splitlines()
-    ]
+    journaled = [v["reasoning"] for v in memo_values(project)]
     assert sorted(journaled) == sorted(judgement(prompt)[1] for prompt in answered)
 
     mark = len(server.requests)
     server.release_held()
     p = project.spar_proc("apply", str(project.spec), **env)
-    out, err = p.communicate(timeout=120)
+    out, err = finish(p)
     assert p.returncode == 0, err
     assert "ran exp / judge" in out and "sample_" not in out
 
@@ -544,48 +803,66 @@ def test_sigkill_mid_judging_then_reapply_judges_nothing_twice(project, server) 
     assert max(second.values()) == 1
     assert set(second) == set(everything) - answered
     assert {prompt for prompt, n in everything.items() if n == 2} == held
-    assert all(n <= 1 + (prompt in held) for prompt, n in everything.items())
-    rows = [
-        json.loads(r) for r in (project.runs / "exp/judge/judged.jsonl").read_text().splitlines()
-    ]
+    rows = judged(project)
     assert len(rows) == 16 and all(r["status"] == "ok" for r in rows)
 
 
-@pytest.mark.skip(reason="core v2: lead rewrites")
-def test_sigkill_while_polling_a_batch_resumes_it_instead_of_paying_twice(project, server) -> None:
-    """A batch submitted before a crash is journaled under runs/.spar/; the re-apply polls that
-    same batch and reads its results: no second batch, no direct call, every item scored."""
-
-    def to_batch(d: dict) -> None:
-        d["judge"].update(kind="anthropic", model="claude-test", batch=True)
-
-    project.edit(to_batch)
+def kill_while_polling(project: Project, server: AnthropicServer) -> dict:
+    """`spar apply` with judge.batch, SIGKILLed while it polls its (never-ending) batch."""
+    use_claude(project, batch=True)
     server.batch_polls = 10**9  # the batch stays in progress until the test says otherwise
-    env = {"ANTHROPIC_BASE_URL": server.url}
-    p = project.spar_proc("apply", str(project.spec), **env)
-    while not server.wait_for(
-        lambda s: any(b["polls"] >= 2 for b in s.batches.values()), timeout=1.0
-    ):
-        assert p.poll() is None, p.communicate()[1]
-    p.send_signal(signal.SIGKILL)
-    p.communicate(timeout=60)
-    assert p.returncode == -signal.SIGKILL
+    p = project.spar_proc("apply", str(project.spec), ANTHROPIC_BASE_URL=server.url)
+    kill_when(p, server, lambda s: any(b["polls"] >= 2 for b in s.batches.values()))
     (batch,) = server.batches.values()
     assert len(batch["requests"]) == 8
+    custom_ids = {e["custom_id"] for e in batch["requests"]}
+    assert pending_batches(project) == [(batch["id"], custom_ids)]
+    assert server.prompts(MESSAGES) == Counter() and memo_values(project) == []
+    return batch
+
+
+def test_sigkill_while_polling_a_batch_resumes_it_instead_of_paying_twice(
+    project: Project, server: AnthropicServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A batch submitted before a crash is journaled in runs/.spar/state.db; the re-apply polls
+    that same batch and reads its results: no second batch, no direct call, every item scored."""
+    # Fails if the judge stage gave the judge no journal (get_judge(..., journal=None): a second
+    # batch is submitted), or if a collected batch stayed journaled (journal.collected skipped).
+    batch = kill_while_polling(project, server)
 
     server.batch_polls = batch["polls"] + 1  # it ends at the next poll
-    p = project.spar_proc("apply", str(project.spec), **env)
-    out, err = p.communicate(timeout=120)
+    p = project.spar_proc("apply", str(project.spec), ANTHROPIC_BASE_URL=server.url)
+    out, err = finish(p)
     assert p.returncode == 0, err
     assert "ran exp / judge" in out and "sample_" not in out
     assert len(server.batches) == 1  # resumed, not resubmitted
     assert server.prompts(MESSAGES) == Counter()  # and nothing asked through the direct API
-    rows = [
-        json.loads(r) for r in (project.runs / "exp/judge/judged.jsonl").read_text().splitlines()
-    ]
+    rows = judged(project)
     assert len(rows) == 8 and all(r["status"] == "ok" for r in rows)
-    log = project.runs / ".spar/judges/anthropic/batches.jsonl"
-    assert [json.loads(line).get("done", False) for line in log.read_text().splitlines()] == [
-        False,
-        True,
-    ]
+    assert pending_batches(project) == []
+    assert all_fresh(project, capsys)
+
+
+@pytest.mark.parametrize("gone", ["retrieve", "results"])
+def test_an_expired_batch_after_a_crash_while_polling_does_not_block_the_reapply(
+    project: Project, server: AnthropicServer, capsys: pytest.CaptureFixture[str], gone: str
+) -> None:
+    # The journaled batch expired while nobody polled it: the API answers 404 for it (or only for
+    # its results). Fails if a 404 were polled again like any API error (batches.wait: a
+    # RunError after the poll-error limit, exit 1; retried without a limit: `finish` fails it
+    # after its timeout), or if the gone batch stayed journaled (journal.collected skipped).
+    batch = kill_while_polling(project, server)
+    if gone == "results":
+        server.batch_polls = batch["polls"] + 1  # it ends at the next poll; its results are gone
+    server.expire(batch["id"], results_only=gone == "results")
+
+    p = project.spar_proc("apply", str(project.spec), ANTHROPIC_BASE_URL=server.url)
+    out, err = finish(p)
+    assert p.returncode == 0, err
+    assert "ran exp / judge" in out and "sample_" not in out
+    assert len(server.batches) == 1  # not resubmitted as a batch: asked directly, once each
+    assert server.prompts(MESSAGES) == Counter(prompt_of(e["params"]) for e in batch["requests"])
+    rows = judged(project)
+    assert len(rows) == 8 and all(r["status"] == "ok" for r in rows)
+    assert pending_batches(project) == []
+    assert all_fresh(project, capsys)

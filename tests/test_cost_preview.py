@@ -38,9 +38,15 @@ def test_judge_estimate_is_exact_and_memo_aware(project, capsys):
     project.edit(lambda d: d["judge"].update(model="kw-2"))
     assert rows(project, capsys)["judge"]["estimate"]["judge_calls"] == 8
     assert project.spar("apply", str(project.spec), capsys=capsys).code == 0
-    project.edit(lambda d: d["judge"].update(model="kw-1"))  # back: every verdict is journaled
+    project.edit(lambda d: d["judge"].update(model="kw-1"))  # back: the run cache has it
     row = rows(project, capsys)["judge"]
-    assert row["status"] == "stale" and row["estimate"]["judge_calls"] == 0
+    assert row["status"] == "stale" and row["action"] == "restore" and row["estimate"] is None
+    # without the run cache the stage runs, but every verdict is in the item memo: 0 calls
+    import shutil
+
+    shutil.rmtree(project.runs / ".spar" / "cache")
+    row = rows(project, capsys)["judge"]
+    assert row["action"] == "run" and row["estimate"]["judge_calls"] == 0
     judged = project.calls_of("judge")
     assert project.spar("apply", str(project.spec), capsys=capsys).code == 0
     assert project.calls_of("judge") == judged

@@ -6,6 +6,8 @@ import json
 
 from spar.models import load_tokenizer
 from spar.spec import load_spec
+from spar.stages.base import GraphContext
+from spar.store import RunStore
 from spar.stages.dataset import DatasetStage, SynthDoc, to_conversation
 
 
@@ -49,13 +51,18 @@ def test_loss_mask_user_tokens_weight_zero(project, capsys, tiny_model):
 
 
 def test_split_is_seeded_and_disjoint(project):
+    from spar.stages.dataset import read_records, split
+
     spec = load_spec(project.spec)
-    train, test = DatasetStage().split(spec)
-    _, test2 = DatasetStage().split(spec)
+    (node,) = DatasetStage().nodes(spec, GraphContext(RunStore(project.runs)))
+    records = read_records(spec.data.docs, "synth_docs")
+    train, test = split(records, node.params)
+    _, test2 = split(records, node.params)
+    assert len(test) == 2 and len(train) == len(records) - 2
     assert [d.content for d in test] == [d.content for d in test2]
     assert not {d.content for d in train} & {d.content for d in test}
-    other = spec.model_copy(update={"data": spec.data.model_copy(update={"split_seed": 7})})
-    assert [d.content for d in DatasetStage().split(other)[1]] != [d.content for d in test]
+    other = node.params.model_copy(update={"split_seed": 7})
+    assert [d.content for d in split(records, other)[1]] != [d.content for d in test]
 
 
 def test_max_docs_and_too_large_test_size(project, capsys):

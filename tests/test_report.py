@@ -139,8 +139,9 @@ def test_show_lists_exactly_the_differing_parameters(project, capsys):
     assert e["ci_low"] <= e["mean"] <= e["ci_high"]
     table = project.spar("show", str(project.spec), str(neg), capsys=capsys).out
     header = table.splitlines()[0].split()
-    assert header[:3] == ["experiment", "framing", "data.docs"]
-    assert "effect" in header and header[-1] == "invalid"
+    assert header[:4] == ["experiment", "status", "framing", "data.docs"]
+    assert "effect" in header and header[-2:] == ["invalid", "errors"]
+    assert [row["status"] for row in rows] == ["fresh", "fresh"]
 
 
 def test_spar_plot_overlays_judged_files(project, capsys, tmp_path):

@@ -8,7 +8,7 @@ import signal
 
 import yaml
 
-from spar.store import ItemMemo, params_path
+from spar.store import params_path
 
 FIELDS = {
     "stage",
@@ -21,6 +21,9 @@ FIELDS = {
     "upstream",
     "output",
     "output_hash",
+    "complete",
+    "details",
+    "restored_from",
     "versions",
     "started",
     "finished",
@@ -125,21 +128,6 @@ def test_sigkill_mid_judging_rejudges_only_unfinished(project):
     assert (project.calls_of("sample"), project.calls_of("judge")) == (16, 3 + 6)
 
 
-def test_torn_memo_line_is_cut_off(tmp_path):
-    path = tmp_path / "memo.jsonl"
-    m = ItemMemo(path)
-    m.put("a", {"x": 1})
-    m.close()
-    with path.open("a") as f:
-        f.write('{"key": "b", "val')  # killed mid-write
-    m = ItemMemo(path)
-    assert m.get("a") == {"x": 1} and "b" not in m
-    m.put("c", 2)
-    m.close()
-    lines = path.read_text().splitlines()
-    assert [json.loads(line)["key"] for line in lines] == ["a", "c"]
-
-
 def test_two_concurrent_applies_never_interleave(project):
     procs = [project.spar_proc("apply", str(project.spec)) for _ in range(2)]
     results = [p.communicate(timeout=300) for p in procs]
@@ -150,9 +138,9 @@ def test_two_concurrent_applies_never_interleave(project):
     # every item computed once: the second apply waited, re-planned, found everything fresh
     assert project.calls_of("sample") == 16
     assert project.calls_of("judge") == 8
-    memo = (project.runs / ".spar/memo/samples.jsonl").read_text().splitlines()
-    keys = [json.loads(line)["key"] for line in memo]
-    assert len(keys) == len(set(keys)) == 16
+    from spar.state import State
+
+    assert State(project.runs / ".spar/state.db").memo_count("sample") == 16
     leftovers = [p for p in project.runs.rglob("*.tmp")]
     assert leftovers == []
 

@@ -27,29 +27,30 @@ from spar.engines.local import LocalEngine
 from spar.engines.tinker import TinkerEngine
 from spar.errors import RunError
 from spar.models import load_renderer
-from spar.spec import TrainingSpec
 from spar.stages.dataset import datum_row, read_records, row_to_datum, to_conversation
 from spar.stages.train import (
     CHECKPOINTS,
-    STEPS,
+    LoopConfig,
+    TrainJournal,
     TrainResult,
     batches,
     learning_rate,
     resume_point,
+    run_id,
     train_loop,
 )
+from spar.state import State
 from spar.store import read_jsonl
 
 DATA = Path(__file__).parent / "data"
 UNREACHABLE = "http://127.0.0.1:9"
 MAX_LENGTH = 48  # every datum pads to one sequence bucket on the server: one JIT compile
-CFG = TrainingSpec(
+CFG = LoopConfig(
     lora_rank=4,
     learning_rate=1e-3,
     lr_schedule="linear",
     batch_size=2,
     epochs=1,
-    max_length=MAX_LENGTH,
     seed=0,
     save_every=1,
 )
@@ -73,14 +74,14 @@ def doc_rows(base_model: str) -> list[dict[str, Any]]:
     return [datum_row(to_conversation(r, "doc_idea"), renderer, MAX_LENGTH) for r in records]
 
 
-def batch_keys(rows: list[dict[str, Any]], cfg: TrainingSpec) -> dict[tuple[Any, ...], int]:
+def batch_keys(rows: list[dict[str, Any]], cfg: LoopConfig) -> dict[tuple[Any, ...], int]:
     """What identifies each planned batch in a forward_backward request -> its batch index."""
     return {
         tuple(tuple(r["target"]) for r in batch): i for i, batch in enumerate(batches(rows, cfg))
     }
 
 
-def assert_complete_metrics(metrics: list[dict[str, Any]], total: int, cfg: TrainingSpec) -> None:
+def assert_complete_metrics(metrics: list[dict[str, Any]], total: int, cfg: LoopConfig) -> None:
     assert [m["step"] for m in metrics] == list(range(total))  # every step, exactly once
     for m in metrics:
         assert m["learning_rate"] == pytest.approx(learning_rate(cfg, m["step"], total))
@@ -213,28 +214,52 @@ def test_spar_apply_on_unreachable_tinker_exits_1_with_one_line(project: Project
 
 
 def test_resume_point_is_the_last_complete_checkpoint(tmp_path: Path) -> None:
-    """`batch` = batches applied; a line cut short by SIGKILL is ignored; steps must be there."""
+    """`batch` = batches applied; the last saved state, if every step before it is journaled."""
+    from tinker_cookbook import checkpoint_utils
 
-    def write(name: str, lines: list[str]) -> None:
-        (tmp_path / name).write_text("".join(lines))
+    state, mirror = State(tmp_path / "state.db"), tmp_path / "mirror"
+    j = TrainJournal(state, "run", mirror)
+    assert resume_point(j, total=5) is None
+    assert not (tmp_path / "state.db").exists()  # a read creates nothing
 
-    step = [json.dumps({"step": i, "learning_rate": 0.1, "loss": 1.0}) + "\n" for i in range(4)]
-    row = [
-        json.dumps({"name": f"step{b:06d}", "batch": b, "state_path": f"s{b}"}) + "\n"
-        for b in (1, 2)
-    ]
-    write(CHECKPOINTS, [*row, '{"name": "step000003", "ba'])
-    write(STEPS, [*step[:3], '{"step": 3, "lea'])
-    got = resume_point(tmp_path, total=5)
+    def step(i: int) -> dict[str, Any]:
+        return {"step": i, "learning_rate": 0.1, "loss": 1.0, "batch_size": 2}
+
+    for i in range(3):
+        j.step(step(i))
+    for b in (1, 2):
+        j.checkpoint(f"step{b:06d}", b, state_path=f"s{b}")
+    j.checkpoint("sampler000003", 3, sampler_path="w3")  # no state: not a resume point
+    got = resume_point(j, total=5)
     assert got is not None
     assert (got.batch, got.state_path) == (2, "s2")
-    assert [m["step"] for m in got.metrics] == [0, 1]  # step 2 was applied after "s2": redone
-    write(STEPS, [step[0], step[2]])  # step 1's metrics missing: cannot resume completely
-    assert resume_point(tmp_path, total=5) is None
-    write(STEPS, step)
-    assert resume_point(tmp_path, total=1) is None  # not a checkpoint of this plan
-    (tmp_path / CHECKPOINTS).unlink()
-    assert resume_point(tmp_path, total=5) is None
+    assert got.metrics == [step(0), step(1)]  # step 2 was applied after "s2": redone
+    # the mirror is tinker-cookbook's checkpoints.jsonl: its own reader finds the same state
+    assert read_jsonl(mirror / CHECKPOINTS) == j.checkpoints()
+    last = checkpoint_utils.get_last_checkpoint(str(mirror))
+    assert last is not None and (last.batch, last.state_path) == (2, "s2")
+    # every batch of the plan applied: a finished run, resumable at its end
+    done = resume_point(j, total=2)
+    assert done is not None and done.batch == 2
+    assert resume_point(j, total=1) is None  # a checkpoint beyond `total`: not of this plan
+
+    # a checkpoint row whose steps are missing (step 3): cannot resume completely
+    j.checkpoint("step000004", 4, state_path="s4")
+    assert resume_point(j, total=5) is None
+    other = TrainJournal(state, "other", tmp_path / "other")
+    other.step(step(0))
+    other.step(step(2))
+    other.checkpoint("step000002", 2, state_path="o2")  # step 1's metrics missing
+    assert resume_point(other, total=5) is None
+    # each run has its own journal
+    assert [c["state_path"] for c in other.checkpoints()] == ["o2"]
+    assert [m["step"] for m in j.steps()] == [0, 1, 2]
+
+    j.reset()
+    assert resume_point(j, total=5) is None and j.steps() == []
+    assert checkpoint_utils.get_last_checkpoint(str(mirror)) is None
+    assert resume_point(other, total=5) is None and len(other.checkpoints()) == 1
+    state.close()
 
 
 def test_local_engine_resumes_without_replaying_a_batch(tiny_model: Path, tmp_path: Path) -> None:
@@ -268,22 +293,33 @@ def test_local_engine_resumes_without_replaying_a_batch(tiny_model: Path, tmp_pa
         def create_training_client_from_state_with_optimizer(self, *a: Any, **k: Any) -> Any:
             return self._wrap(super().create_training_client_from_state_with_optimizer(*a, **k))
 
-    ref = train_loop(LocalEngine(tmp_path / "ref"), base, rows, cfg, "ref", tmp_path / "ref-log")
+    state = State(tmp_path / "state.db")
+    ref_journal = TrainJournal(state, "ref", tmp_path / "ref-log")
+    ref = train_loop(LocalEngine(tmp_path / "ref"), base, rows, cfg, "ref", ref_journal)
     engine, log_dir = Recording(tmp_path / "eng"), tmp_path / "log"
+    j = TrainJournal(state, "run", log_dir)
     with pytest.raises(Crash):
-        train_loop(engine, base, rows, cfg, "run", log_dir, on_step=crash_at(1))
-    assert [r["batch"] for r in read_jsonl(log_dir / CHECKPOINTS)] == [1]
-    # the log is tinker-cookbook's own format: its checkpoint_utils finds the resumable state
+        train_loop(engine, base, rows, cfg, "run", j, on_step=crash_at(1))
+    assert [r["batch"] for r in j.checkpoints()] == [1]
+    assert [m["step"] for m in j.steps()] == [0, 1]
+    # the mirror is tinker-cookbook's own format: its checkpoint_utils finds the resumable state
     from tinker_cookbook import checkpoint_utils
 
     last = checkpoint_utils.get_last_checkpoint(str(log_dir))
     assert last is not None and last.batch == 1 and Path(last.state_path).exists()
-    res = train_loop(engine, base, rows, cfg, "run", log_dir)
+    res = train_loop(engine, base, rows, cfg, "run", j)
 
     assert res.resumed_at == 1
     assert applied == [[0, 1], [1, 2]]  # batch 1 of the first client died with it
     assert_complete_metrics(res.metrics, total, cfg)
+    assert j.steps() == res.metrics
     assert [m["loss"] for m in res.metrics] == pytest.approx([m["loss"] for m in ref.metrics])
+    # the journal is kept: a re-run resumes at the end, applies no batch and saves nothing again
+    final = {p: p.stat().st_mtime_ns for p in Path(res.sampler_path).parent.parent.rglob("*")}
+    again = train_loop(engine, base, rows, cfg, "run", j)
+    assert applied == [[0, 1], [1, 2]]
+    assert again == TrainResult(res.sampler_path, res.state_path, res.metrics, resumed_at=total)
+    assert {p: p.stat().st_mtime_ns for p in final} == final
     got = load_file(str(Path(res.sampler_path) / "adapter_model.safetensors"))
     want = load_file(str(Path(ref.sampler_path) / "adapter_model.safetensors"))
     assert got.keys() == want.keys()
@@ -302,21 +338,26 @@ def test_train_loop_on_tinker_resumes_at_the_saved_batch(
     rows = doc_rows(base)
     total = len(batches(rows, CFG))
     keys = batch_keys(rows, CFG)
-    log_dir = tmp_path / "train"
+    db, log_dir = tmp_path / "state.db", tmp_path / "train"
 
-    with pytest.raises(Crash):
-        train_loop(TinkerEngine(tmp_path), base, rows, CFG, "t1", log_dir, on_step=crash_at(1))
+    with State(db) as state, pytest.raises(Crash):
+        j = TrainJournal(state, "fp-t1", log_dir)
+        train_loop(TinkerEngine(tmp_path), base, rows, CFG, "t1", j, on_step=crash_at(1))
     (row,) = read_jsonl(log_dir / CHECKPOINTS)
     assert row["name"] == "step000001" and row["batch"] == 1
     assert row["state_path"].startswith("tinker://") and "/weights/" in row["state_path"]
-    assert [m["step"] for m in read_jsonl(log_dir / STEPS)] == [0, 1]
     first_model, resumed_from = model_of(row["state_path"]), row["state_path"]
 
-    res: TrainResult = train_loop(TinkerEngine(tmp_path), base, rows, CFG, "t1", log_dir)
+    state = State(db)  # as a new process would open it
+    j = TrainJournal(state, "fp-t1", log_dir)
+    assert j.checkpoints() == [row]
+    assert [m["step"] for m in j.steps()] == [0, 1]
+    res: TrainResult = train_loop(TinkerEngine(tmp_path), base, rows, CFG, "t1", j)
     assert res.resumed_at == 1
     assert_complete_metrics(res.metrics, total, CFG)
-    assert read_jsonl(log_dir / STEPS) == res.metrics
-    ckpts = read_jsonl(log_dir / CHECKPOINTS)
+    assert j.steps() == res.metrics
+    ckpts = j.checkpoints()
+    assert read_jsonl(log_dir / CHECKPOINTS) == ckpts
     assert [(c["name"], c["batch"]) for c in ckpts] == [
         ("step000001", 1),
         ("step000002", 2),
@@ -348,6 +389,7 @@ def test_train_loop_on_tinker_resumes_at_the_saved_batch(
         want = CFG.learning_rate * (1 - step / total)
         assert req.data["adam_params"]["learning_rate"] == pytest.approx(want, rel=1e-12)
         assert req.result["metrics"]["skyrl.ai/learning_rate"] == pytest.approx(want, rel=1e-6)
+    state.close()
 
 
 def test_loss_mask_reaches_the_server(on_skyrl: Server, tiny_model: Path, tmp_path: Path) -> None:
@@ -406,7 +448,7 @@ def test_spar_apply_on_tinker_resumes_after_sigkill_and_samples_trained_weights(
     assert "ran exp / train" in out and "ran exp / sample_finetuned" in out
 
     spec = yaml.safe_load(project.spec.read_text())
-    cfg = TrainingSpec(**spec["training"])
+    cfg = LoopConfig(**{k: v for k, v in spec["training"].items() if k != "max_length"})
     rows = read_jsonl(project.runs / "exp/dataset/train.jsonl")
     keys = batch_keys(rows, cfg)
     total = len(keys)
@@ -417,12 +459,41 @@ def test_spar_apply_on_tinker_resumes_after_sigkill_and_samples_trained_weights(
     assert record["engine"] == "tinker" and record["steps"] == total
     sampler = record["sampler_path"]
     assert sampler.startswith("tinker://")
-    assert not (log_dir / CHECKPOINTS).exists() and not (log_dir / STEPS).exists()
 
     srv = server_log(on_skyrl)
     final_model = model_of(record["state_path"])
     assert model_of(sampler) == final_model
     assert srv.lineage(resumed_from, final_model, keys) == [0, 1, 2]  # each batch exactly once
+
+    # the training journal is kept, under the train stage's fingerprint
+    state = State(project.runs / ".spar" / "state.db")
+    (fingerprint,) = state.train_runs()
+    assert log_dir.name == run_id(fingerprint)
+    journal = TrainJournal(state, fingerprint, log_dir)
+    assert journal.steps() == metrics
+    ckpts = journal.checkpoints()
+    assert [(c["name"], c["batch"]) for c in ckpts] == [
+        ("step000001", 1),
+        ("step000002", 2),
+        ("final", 3),
+    ]
+    assert (ckpts[-1]["state_path"], ckpts[-1]["sampler_path"]) == (record["state_path"], sampler)
+    assert read_jsonl(log_dir / CHECKPOINTS) == ckpts
+    # ... so the loop, run again on it, resumes at the end: no batch applied, nothing saved anew
+    res = train_loop(
+        TinkerEngine(project.root),
+        str(spec["model"]["base_model"]),
+        rows,
+        cfg,
+        log_dir.name,
+        journal,
+    )
+    assert res == TrainResult(sampler, record["state_path"], metrics, resumed_at=total)
+    assert journal.checkpoints() == ckpts
+    state.close()
+    rerun = server_log(on_skyrl).requests[len(srv.requests) :]
+    assert not [r for r in rerun if r.type == "FORWARD_BACKWARD"]
+    assert rerun == []  # not even a training client: the final state is already the result
 
     # sampling: fresh sampling clients of their own sessions, from the sampler path / base model
     tuned = [s for s in srv.sampling_sessions if s["model_path"] == sampler]

@@ -114,6 +114,7 @@ class _Resume:
     batch: int  # batches already applied: training continues with batch index `batch`
     state_path: str
     metrics: list[dict[str, Any]]
+    sampler_path: str | None = None  # saved with the state (the final checkpoint)
 
 
 class TrainJournal:
@@ -165,7 +166,8 @@ def resume_point(journal: TrainJournal, total: int) -> _Resume | None:
     if not 0 < batch <= total or any(i not in steps for i in range(batch)):
         log.warning("%s: cannot resume from %s; training from the start", journal.run, last["name"])
         return None
-    return _Resume(batch, str(last["state_path"]), [steps[i] for i in range(batch)])
+    sampler = str(last["sampler_path"]) if last.get("sampler_path") else None
+    return _Resume(batch, str(last["state_path"]), [steps[i] for i in range(batch)], sampler)
 
 
 def train_loop(
@@ -182,8 +184,9 @@ def train_loop(
     Every step's metrics and every saved state are committed to the journal as training goes,
     so a crash (even SIGKILL) loses at most the steps since the last `save_state`. The journal
     is kept after training: a re-run with the same fingerprint resumes at the final state and
-    applies no batch again. The learning-rate schedule is a function of the global step, so a
-    resumed run continues it where it stopped.
+    applies no batch again (it returns the final checkpoint's paths, without an engine call).
+    The learning-rate schedule is a function of the global step, so a resumed run continues it
+    where it stopped.
     """
     import tinker
     from tqdm import tqdm
@@ -191,6 +194,11 @@ def train_loop(
     plan = batches(rows, cfg)
     total = len(plan)
     resume = resume_point(journal, total)
+    if resume is not None and resume.batch == total and resume.sampler_path:
+        # finished before: its final state and sampler weights are the result. Loading and saving
+        # them again would only make new copies (on engine local: rewrite them in place).
+        log.info("%s: all %d batches were applied; nothing to train", run_id, total)
+        return TrainResult(resume.sampler_path, resume.state_path, resume.metrics, resumed_at=total)
     load = getattr(engine, "create_training_client_from_state_with_optimizer", None)
     client: TrainingClient
     if resume is not None and load is not None:
@@ -297,7 +305,9 @@ class TrainStage(StageKind[TrainParams, TrainOptions]):
         elif docs is not None and docs.exists():
             per_epoch = docs.stat().st_size // 4
             if max_length is not None:
-                per_epoch = min(per_epoch, _count_lines(docs) * max_length)
+                n = store.hashes.records(docs)  # counted while the plan hashed it
+                lines = n if n is not None else _count_lines(docs)
+                per_epoch = min(per_epoch, lines * max_length)
         else:
             return {}
         return {"training_tokens": per_epoch * node.params.epochs}

@@ -115,6 +115,13 @@ class HashCache:
         self._pending[key] = (st, digest, frozenset(checks), records)
         return digest, records
 
+    def records(self, path: Path) -> int | None:
+        """Non-blank line count of `path` as a line check saw it, if its content is known (one
+        stat, no read)."""
+        path = path.resolve()
+        got = self._lookup(str(path), stat_key(path.stat()))
+        return got[2] if got is not None and got[1] else None
+
     def hash_dir(self, root: Path, files: list[Path]) -> str:
         """A directory's content: the hash of its files' relative names and content hashes."""
         return hash_json(sorted((str(p.relative_to(root)), self.hash_file(p)) for p in files))
