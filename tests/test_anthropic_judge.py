@@ -721,10 +721,37 @@ def test_retry_invalid_reasks_exactly_the_invalid_verdicts(
     assert "ran exp / judge" in r.out and "sample_" not in r.out
     assert server.prompts(since=mark) == Counter(bad)
     assert all(r["status"] == "ok" for r in judged(project))
+    stages = plan(project, capsys)
+    assert all(stages[s]["status"] == "fresh" for s in (*STAGES_BEFORE_JUDGE, "judge"))
+    r = apply(project, capsys, "--retry-invalid")  # nothing invalid is left: nothing asked
+    assert r.code == 0 and "ran exp / judge" not in r.out
+    assert server.prompts(since=mark) == Counter(bad)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="spar/apply.py restores report/plot from the run cache after --retry-invalid "
+    "(made from the old judged.jsonl: same fingerprint); see the comment in the test",
+)
+def test_after_retry_invalid_the_report_is_rebuilt_and_the_plan_settles(
+    project: Project, server: AnthropicServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # --retry-invalid rewrites judged.jsonl under the same judge fingerprint, so report and plot
+    # keep theirs, and apply_plan restores them from the run cache, i.e. the outputs made from
+    # the judged.jsonl before the retry: summary.json still counts the invalid verdicts, and
+    # `spar plan` says report and plot are stale ("upstream judge output judged.jsonl changed")
+    # after every apply, which restores the same stale outputs again. Needed in spar/apply.py:
+    # restore a cached output only when its params record's upstream output hashes equal the
+    # current upstream outputs (else run the stage). Remove this xfail once it is fixed.
+    use_claude(project, fault="garbage, garbage, garbage, ok")
+    assert apply(project, capsys).code == 0
+    summary = json.loads((project.runs / "exp/report/summary.json").read_text())
+    assert summary["invalid"] == 2
+    assert apply(project, capsys, "--retry-invalid").code == 0
+    assert all(r["status"] == "ok" for r in judged(project))
+    summary = json.loads((project.runs / "exp/report/summary.json").read_text())
+    assert summary["invalid"] == 0
     assert all_fresh(project, capsys)
-    r = apply(project, capsys, "--retry-invalid")  # nothing invalid is left
-    assert r.code == 0 and "nothing to do" in r.out
-    assert len(server.prompts(since=mark)) == 2
 
 
 @pytest.mark.parametrize("batch", [False, True], ids=["direct", "batch"])
