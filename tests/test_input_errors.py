@@ -152,3 +152,92 @@ def test_error_via_subprocess_has_no_traceback(project):
     _, err = p.communicate(timeout=120)
     assert p.returncode == 2
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+# ----------------------------------------------------------------- found before any work (v2)
+
+
+def test_unknown_renderer(project, capsys):
+    project.edit(lambda d: d["model"].update(renderer="qwen9_turbo"))
+    check_rejected(project, capsys, "spec.yaml", "model.renderer", "qwen9_turbo")
+
+
+def test_missing_local_model_directory(project, capsys, tmp_path):
+    project.edit(lambda d: d["model"].update(base_model=str(tmp_path / "no-such-model")))
+    check_rejected(project, capsys, "spec.yaml", "model.base_model", "no-such-model")
+
+
+def test_local_model_directory_without_config(project, capsys, tmp_path):
+    (tmp_path / "empty-model").mkdir()
+    project.edit(lambda d: d["model"].update(base_model=str(tmp_path / "empty-model")))
+    check_rejected(project, capsys, "model.base_model", "config.json")
+
+
+@pytest.mark.parametrize("command", ["plan", "apply"])
+def test_test_size_as_large_as_the_docs(project, capsys, command):
+    n = sum(1 for line in (project.root / "docs.jsonl").read_text().splitlines() if line.strip())
+    project.edit(lambda d: d["data"].update(test_size=n))
+    check_rejected(project, capsys, "docs.jsonl", "data.test_size", command=command)
+
+
+def test_empty_docs_file(project, capsys):
+    (project.root / "docs.jsonl").write_text("\n")
+    check_rejected(project, capsys, "docs.jsonl", "no records")
+
+
+def test_key_given_twice_in_yaml(project, capsys):
+    text = project.spec.read_text().replace(
+        "  lora_rank: 4\n", "  lora_rank: 4\n  batch_size: 3\n", 1
+    )
+    assert text.count("batch_size") == 2
+    project.spec.write_text(text)
+    check_rejected(project, capsys, "spec.yaml", "batch_size", "twice")
+
+
+def test_duplicated_inline_question(project, capsys):
+    project.edit(
+        lambda d: d["eval"]["tiers"]["close"].append(d["eval"]["tiers"]["direct"][0])
+    )
+    check_rejected(project, capsys, "spec.yaml", "eval.tiers", "twice")
+
+
+def test_duplicated_question_in_questions_file(project, capsys):
+    q = project.root / "questions.jsonl"
+    q.write_text(
+        '{"tier": "direct", "question": "Q1?"}\n{"tier": "close", "question": "Q2?"}\n'
+        '{"tier": "distant", "question": "Q1?"}\n'
+    )
+
+    def edit(d):
+        del d["eval"]["tiers"]
+        d["eval"]["questions"] = "questions.jsonl"
+
+    project.edit(edit)
+    check_rejected(project, capsys, "questions.jsonl", "line 3", "twice", "line 1")
+
+
+def test_rubric_variable_undefined_only_in_an_untaken_branch(project, capsys):
+    (project.root / "rubric.j2").write_text(
+        "Q: {{ question }}\n{% if scale_max > 100 %}{{ respnse }}{% endif %}\nA: {{ response }}\n"
+    )
+    check_rejected(project, capsys, "rubric.j2", "respnse", "line 2")
+
+
+def test_plan_before_the_first_apply_keeps_its_hash_cache(project, capsys, monkeypatch):
+    """A second `spar plan` before any apply reads no input file again."""
+    from spar.store import hashing
+
+    reads: list[str] = []
+    real = hashing.hash_stream
+
+    def counting(path, check):
+        reads.append(path.name)
+        return real(path, check)
+
+    monkeypatch.setattr(hashing, "hash_stream", counting)
+    assert project.spar("plan", str(project.spec), capsys=capsys).code == 0
+    assert "docs.jsonl" in reads and "rubric.j2" in reads
+    reads.clear()
+    assert project.spar("plan", str(project.spec), capsys=capsys).code == 0
+    assert reads == []
+    assert not (project.runs / "exp").exists()  # the plan wrote state only, no output
