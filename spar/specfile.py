@@ -22,7 +22,7 @@ class StrictLoader(yaml.SafeLoader):
     still be overridden by keys written in the mapping itself (that is what merging is for).
     """
 
-    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
         if isinstance(node, MappingNode):
             seen: dict[Any, int] = {}
             for key_node, _ in node.value:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 # seed -> question -> scores
-Groups = Sequence[Sequence[Sequence[float]]]
+Groups = Sequence[Sequence[Sequence[float] | np.ndarray]]
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from conftest import Project, Result
 from spar.errors import RunError
 from spar.judges.anthropic import ABORT_AFTER_FAILURES, AnthropicJudge, request_id
 from spar.judges.base import JudgeConfig, JudgeRequest, Verdict
-from spar.state import State
+from spar.store.state import State
 
 MESSAGES = "/v1/messages"
 BATCHES = "/v1/messages/batches"

@@ -7,8 +7,8 @@ import json
 from spar.models import load_tokenizer
 from spar.spec import load_spec
 from spar.stages.base import GraphContext
-from spar.store import RunStore
 from spar.stages.dataset import DatasetStage, SynthDoc, to_conversation
+from spar.store import RunStore
 
 
 def split_tokens(row: dict) -> tuple[list[int], list[int]]:

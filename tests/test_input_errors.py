@@ -195,9 +195,7 @@ def test_key_given_twice_in_yaml(project, capsys):
 
 
 def test_duplicated_inline_question(project, capsys):
-    project.edit(
-        lambda d: d["eval"]["tiers"]["close"].append(d["eval"]["tiers"]["direct"][0])
-    )
+    project.edit(lambda d: d["eval"]["tiers"]["close"].append(d["eval"]["tiers"]["direct"][0]))
     check_rejected(project, capsys, "spec.yaml", "eval.tiers", "twice")
 
 

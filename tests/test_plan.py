@@ -378,9 +378,9 @@ def test_every_spec_key_is_a_parameter_or_cosmetic(project, tiny_model, tmp_path
     assert set(leaves) == set(ALTERNATIVES), "spec keys missing from / unknown to this test"
     for key, (model, name) in leaves.items():
         marked = is_cosmetic(model, name) is not None
-        assert marked == (ALTERNATIVES[key][1] in ("cosmetic", "content") and key not in (
-            "model.base_model",
-        )), key
+        assert marked == (
+            ALTERNATIVES[key][1] in ("cosmetic", "content") and key not in ("model.base_model",)
+        ), key
     store = RunStore(tmp_path / "runs")
     base = _fingerprints(project, store)
     original = yaml.safe_load(project.spec.read_text())

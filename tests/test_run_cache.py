@@ -208,7 +208,7 @@ def test_sigkill_anywhere_then_reapply_equals_an_uninterrupted_run(project, kill
     p.communicate(timeout=300)
     assert p.returncode == -9
     p = project.spar_proc("apply", str(project.spec))
-    out, err = p.communicate(timeout=300)
+    _, err = p.communicate(timeout=300)
     assert p.returncode == 0, err
     assert outputs(project) == want
     paid = project.calls_of("sample") + project.calls_of("judge")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 
@@ -138,7 +137,7 @@ def test_two_concurrent_applies_never_interleave(project):
     # every item computed once: the second apply waited, re-planned, found everything fresh
     assert project.calls_of("sample") == 16
     assert project.calls_of("judge") == 8
-    from spar.state import State
+    from spar.store.state import State
 
     assert State(project.runs / ".spar/state.db").memo_count("sample") == 16
     leftovers = [p for p in project.runs.rglob("*.tmp")]

@@ -1,4 +1,4 @@
-"""spar.state: round trips, durability across SIGKILL, several processes on one database."""
+"""spar.store.state: round trips, durability across SIGKILL, several processes on one database."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from spar.state import SCHEMA_VERSION, HashEntry, State, StateError
+from spar.store.state import SCHEMA_VERSION, HashEntry, State, StateError
 
 if TYPE_CHECKING:
     from spar.judges.base import BatchJournal
@@ -194,7 +194,7 @@ def test_threads_share_one_state(tmp_path: Path) -> None:
 PUT_THEN_SIGKILL = """
     import os, signal, sqlite3, sys
     from pathlib import Path
-    from spar.state import State
+    from spar.store.state import State
 
     path, n = Path(sys.argv[1]), int(sys.argv[2])
     st = State(path)
@@ -228,7 +228,7 @@ def test_memo_survives_sigkill(tmp_path: Path) -> None:
 WRITER = """
     import sys
     from pathlib import Path
-    from spar.state import State
+    from spar.store.state import State
 
     path, tag, n = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
     with State(path) as st:
@@ -260,7 +260,7 @@ def test_two_processes_writing_lose_nothing(tmp_path: Path) -> None:
 HOLDER = """
     import sqlite3, sys
     from pathlib import Path
-    from spar.state import State
+    from spar.store.state import State
 
     path = Path(sys.argv[1])
     st = State(path)

@@ -39,8 +39,8 @@ from spar.stages.train import (
     run_id,
     train_loop,
 )
-from spar.state import State
 from spar.store import read_jsonl
+from spar.store.state import State
 
 DATA = Path(__file__).parent / "data"
 UNREACHABLE = "http://127.0.0.1:9"

@@ -155,7 +155,7 @@ class LocalTrainingClient:
 
     def _save_adapter(self, path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(path)
+        self.model.save_pretrained(str(path))
         (path / META).write_text(json.dumps({"base_model": self.base_model, "steps": self.steps}))
 
     def save_state(self, name: str) -> Future:
@@ -260,7 +260,7 @@ class LocalSamplingClient:
             seqs = per_request[row.request]
             seqs.append(
                 tinker.SampledSequence(
-                    stop_reason=reason,
+                    stop_reason="stop" if reason == "stop" else "length",
                     sequence_id=f"local-{row.request}-{len(seqs)}",
                     tokens_np=np.asarray(tokens, dtype=np.int32),
                 )

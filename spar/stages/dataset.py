@@ -110,8 +110,9 @@ def datum_row(
     from tinker_cookbook.renderers import TrainOnWhat
     from tinker_cookbook.supervised.data import conversation_to_datum
 
+    messages: list[Any] = list(conversation)  # renderer Message dicts
     datum = conversation_to_datum(
-        conversation, renderer, max_length, TrainOnWhat.ALL_ASSISTANT_MESSAGES
+        messages, renderer, max_length, TrainOnWhat.ALL_ASSISTANT_MESSAGES
     )
     return {
         "input": datum.model_input.to_ints(),

@@ -34,7 +34,7 @@ from spar.store import RunStore, atomic_write_text, jsonl_text, read_jsonl
 
 if TYPE_CHECKING:
     from spar.spec import Spec
-    from spar.state import State
+    from spar.store.state import State
 
 log = logging.getLogger(__name__)
 

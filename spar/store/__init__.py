@@ -14,7 +14,6 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from spar.state import State
 from spar.store.cache import CacheManifest, RunCache
 from spar.store.files import (
     TEXT_SUFFIXES,
@@ -40,6 +39,7 @@ from spar.store.hashing import (
     hash_json,
     hash_path,
 )
+from spar.store.state import State
 
 
 class StoreError(RuntimeError):

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from spar.state import State
+    from spar.store.state import State
 
 HASH_ALGO = "sha256"
 _CHUNK = 8 * 1024 * 1024

@@ -36,7 +36,7 @@ sys.path.insert(0, str(TESTS))
 
 from conftest import base_spec  # noqa: E402
 
-from spar.state import State  # noqa: E402
+from spar.store.state import State  # noqa: E402
 
 GOAL_ITEMS_PER_S = 5_000
 NAMESPACES = ("sample", "judge")  # the extra items are split between the two, as a real memo is

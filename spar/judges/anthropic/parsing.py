@@ -80,7 +80,7 @@ def read_verdict(msg: Message, req: JudgeRequest) -> Verdict | str:
     score = obj.get("score")
     if isinstance(score, bool) or not isinstance(score, int | float):
         return f"score {score!r} is not a number"
-    if isinstance(score, float) and not score.is_integer():
+    if isinstance(score, float) and not float(score).is_integer():
         return f"score {score} is not an integer"
     if not req.scale_min <= score <= req.scale_max:
         return f"score {score:g} is outside [{req.scale_min}, {req.scale_max}]"
