@@ -239,3 +239,28 @@ def test_plan_before_the_first_apply_keeps_its_hash_cache(project, capsys, monke
     assert project.spar("plan", str(project.spec), capsys=capsys).code == 0
     assert reads == []
     assert not (project.runs / "exp").exists()  # the plan wrote state only, no output
+
+
+def test_global_options_work_before_or_after_the_command(project, capsys):
+    from spar.cli import main
+    from spar.errors import InputError
+
+    other = project.root / "elsewhere"
+    assert main(["--runs-dir", str(other), "-v", "plan", str(project.spec)]) == 0
+    assert main(["plan", str(project.spec), "-v", "--runs-dir", str(other)]) == 0
+    assert (other / ".spar" / "state.db").exists() and not project.runs.exists()
+    project.edit(lambda d: d["training"].update(learnin_rate=0.1))
+    assert main(["plan", str(project.spec)]) == 2  # one line, exit 2
+    for argv in (["plan", str(project.spec), "--debug"], ["--debug", "plan", str(project.spec)]):
+        with pytest.raises(InputError):  # --debug: the traceback, wherever it was written
+            main(argv)
+
+
+def test_help_speaks_to_users(capsys):
+    from spar.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for word in ("plan", "apply", "show", "gc", "schema", "examples:", "Exit codes"):
+        assert word in text
