@@ -33,6 +33,22 @@ def _upstream_record(
     return out
 
 
+def _made_from_current_upstream(
+    records: dict[str, ParamsRecord],
+    planned: PlannedStage,
+    current: dict[tuple[str, str], dict[str, ParamsRecord]],
+) -> bool:
+    """Were cached outputs made from the upstream outputs as they are now? (An upstream stage
+    may rewrite its outputs under the same fingerprint: `--retry-invalid`, retried errors.)"""
+    for rec in records.values():
+        for role, ref in planned.node.upstream.items():
+            seen = rec.upstream.get(role, {})
+            for name, up in current.get(upstream_key(planned.node.experiment, ref), {}).items():
+                if seen.get(name) != up.output_hash:
+                    return False
+    return True
+
+
 def run_stage(
     store: RunStore,
     planned: PlannedStage,
@@ -98,7 +114,11 @@ def apply_plan(store: RunStore, plan: list[PlannedStage], flags: Flags | None = 
             continue
         retry = flags.retry_invalid and p.node.kind.kind == "judge"
         manifest = None if retry else store.cache.lookup(p.fingerprint)
-        if manifest is not None and all(r.complete for r in manifest.records.values()):
+        if (
+            manifest is not None
+            and all(r.complete for r in manifest.records.values())
+            and _made_from_current_upstream(manifest.records, p, current)
+        ):
             restored = store.restore(manifest, p.node.experiment, p.node.name)
             if restored is not None:
                 log.info("restored %s / %s from the run cache", *p.key)

@@ -660,7 +660,8 @@ def test_calls_failing_past_the_retries_leave_the_run_incomplete_until_asked_aga
     # Fails if a call that failed after the SDK's retries became a verdict (status "invalid" in
     # wire.Run.judge_item: exit 0, never asked again), if the judge stage did not report its
     # errors (StageResult.errors = 0: exit 0, stage complete), or if error verdicts were
-    # journaled and reused (the next apply would ask nothing).
+    # journaled and reused (memo.put of errors + judge.reusable accepting them: the next apply
+    # asks nothing and stays incomplete).
     monkeypatch.setenv("SPAR_ANTHROPIC_MAX_RETRIES", "1")
     use_claude(project, fault="500+")
     r = apply(project, capsys)
@@ -728,21 +729,14 @@ def test_retry_invalid_reasks_exactly_the_invalid_verdicts(
     assert server.prompts(since=mark) == Counter(bad)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="spar/apply.py restores report/plot from the run cache after --retry-invalid "
-    "(made from the old judged.jsonl: same fingerprint); see the comment in the test",
-)
 def test_after_retry_invalid_the_report_is_rebuilt_and_the_plan_settles(
     project: Project, server: AnthropicServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # --retry-invalid rewrites judged.jsonl under the same judge fingerprint, so report and plot
-    # keep theirs, and apply_plan restores them from the run cache, i.e. the outputs made from
-    # the judged.jsonl before the retry: summary.json still counts the invalid verdicts, and
-    # `spar plan` says report and plot are stale ("upstream judge output judged.jsonl changed")
-    # after every apply, which restores the same stale outputs again. Needed in spar/apply.py:
-    # restore a cached output only when its params record's upstream output hashes equal the
-    # current upstream outputs (else run the stage). Remove this xfail once it is fixed.
+    # keep theirs; the run cache has outputs for those fingerprints made from the judged.jsonl
+    # before the retry. They must not be restored (apply checks that a cached output's recorded
+    # upstream output hashes equal the current ones), else summary.json would still count the
+    # invalid verdicts and `spar plan` would call report and plot stale after every apply.
     use_claude(project, fault="garbage, garbage, garbage, ok")
     assert apply(project, capsys).code == 0
     summary = json.loads((project.runs / "exp/report/summary.json").read_text())
@@ -794,9 +788,11 @@ def test_sigkill_mid_judging_then_reapply_judges_nothing_twice(
     (runs/.spar/state.db): the kill loses exactly the 4 held ones, and the re-apply asks for
     each unjournaled prompt once, the 4 held ones being the only prompts the server sees twice.
     """
-    # Fails if a slot were freed before the stage journaled the verdict (wire.Run.direct
-    # releasing right after judge_item: more than 4 requests in flight, answered ones lost), or
-    # if the stage journaled only at the end (memo.put after the loop: nothing journaled).
+    # Fails if the stage journaled verdicts only at its end (memo.put deferred past the loop:
+    # nothing journaled at the kill, all 16 asked again). The slot rule itself (wire.Run.direct
+    # frees a slot only once the stage has taken the verdict) is pinned by
+    # test_a_slot_is_freed_only_once_the_stage_has_taken_the_verdict: here a SQLite commit is far
+    # faster than the network, so a slot freed early would go unseen.
     concurrency, answered_first = 4, 6
 
     def more_samples(d: dict) -> None:
