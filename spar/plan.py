@@ -216,7 +216,7 @@ def plan_nodes(
                     by_key[upstream_key(node.experiment, u)].status == "fresh"
                     for u in node.upstream.values()
                 )
-                p.estimate = node.kind.estimate(node, store, up_fresh) or None
+                p.estimate = node.kind.estimate(node, store, up_fresh, flags) or None
         by_key[key] = p
         planned.append(p)
     return planned

@@ -155,7 +155,7 @@ class KeywordJudge:
     def __init__(
         self, config: JudgeConfig, *, batch: bool = False, journal: BatchJournal | None = None
     ) -> None:
-        self.model = config.model
+        self.model, self.max_reasks = config.model, config.max_reasks
 
     def judge_many(self, requests: list[JudgeRequest], concurrency: int):
         mode, _, k = self.model.rpartition("-")
@@ -164,7 +164,9 @@ class KeywordJudge:
             _log("judge", model=self.model, prompt=hash_json(req.prompt)[:12])
             hit = every and int(hash_json(req.prompt)[:6], 16) % every == 0
             if hit and mode == "kw-invalid":
-                yield i, Verdict(score=None, reasoning="unparseable", status="invalid")
+                # an unusable answer, asked again max_reasks times (all unusable)
+                asks = 1 + self.max_reasks
+                yield i, Verdict(score=None, reasoning="unparseable", status="invalid", asks=asks)
                 continue
             if hit and mode == "kw-error" and not os.environ.get("FAKE_JUDGE_HEAL"):
                 yield i, Verdict(score=None, reasoning="503 overloaded", status="error")

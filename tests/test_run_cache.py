@@ -213,3 +213,24 @@ def test_sigkill_anywhere_then_reapply_equals_an_uninterrupted_run(project, kill
     assert outputs(project) == want
     paid = project.calls_of("sample") + project.calls_of("judge")
     assert paid == total + 1
+
+
+def test_retry_invalid_counts_against_the_judge_budget(project, capsys):
+    project.edit(lambda d: d["judge"].update(model="kw-invalid-3"))
+    apply(project, capsys)
+    invalid = sum(x["status"] == "invalid" for x in judged(project))
+    assert invalid > 0
+    r = project.spar(
+        "apply", str(project.spec), "--retry-invalid", "--max-judge-calls", "0", capsys=capsys
+    )
+    assert r.code == 2 and f"would make {invalid} judge calls" in r.err
+    asked = project.calls_of("judge")
+    r = project.spar(
+        "apply",
+        str(project.spec),
+        "--retry-invalid",
+        "--max-judge-calls",
+        str(invalid),
+        capsys=capsys,
+    )
+    assert r.code == 0 and project.calls_of("judge") == asked + invalid

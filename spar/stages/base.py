@@ -164,7 +164,11 @@ class StageKind(Generic[P, O]):
         count of each checked input). Raise InputError."""
 
     def estimate(
-        self, node: StageNode[P, O], store: RunStore, upstream_fresh: bool
+        self,
+        node: StageNode[P, O],
+        store: RunStore,
+        upstream_fresh: bool,
+        flags: Flags | None = None,
     ) -> dict[str, int]:
         """What running this stage would cost (calls, tokens); {} when nothing is billed."""
         return {}

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from spar.judges.base import JudgeConfig, JudgeRequest, Verdict
 from spar.judges.rubric import context, render, static_prefix
 from spar.stages.base import (
+    Flags,
     GraphContext,
     InputFile,
     Options,
@@ -149,7 +150,11 @@ class JudgeStage(StageKind[JudgeParams, JudgeOptions]):
         ]
 
     def estimate(
-        self, node: StageNode[JudgeParams, JudgeOptions], store: RunStore, upstream_fresh: bool
+        self,
+        node: StageNode[JudgeParams, JudgeOptions],
+        store: RunStore,
+        upstream_fresh: bool,
+        flags: Flags | None = None,
     ) -> dict[str, int]:
         """Judge calls still to make: exact (memo-aware) once both sample outputs are fresh,
         else an upper bound from the sample stages' parameters. Input tokens at 4 characters a
@@ -165,7 +170,7 @@ class JudgeStage(StageKind[JudgeParams, JudgeOptions]):
             todo = [
                 req
                 for (_, req), k in zip(requests, keys, strict=True)
-                if not reusable(p, done.get(k), False)
+                if not reusable(p, done.get(k), flags is not None and flags.retry_invalid)
             ]
             chars = sum(len(r.prompt) for r in todo)
             return {"judge_calls": len(todo), "judge_input_tokens": chars // 4}

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict
 
 from spar.items import EvalItem, Question
 from spar.stages.base import (
+    Flags,
     GraphContext,
     Options,
     Params,
@@ -102,7 +103,11 @@ class SampleStage(StageKind[SampleParams, SampleOptions]):
         return out
 
     def estimate(
-        self, node: StageNode[SampleParams, SampleOptions], store: RunStore, upstream_fresh: bool
+        self,
+        node: StageNode[SampleParams, SampleOptions],
+        store: RunStore,
+        upstream_fresh: bool,
+        flags: Flags | None = None,
     ) -> dict[str, int]:
         """Sampling calls (an upper bound: items already in the memo are not drawn again)."""
         p = node.params

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict
 
 from spar.engines.base import Engine, TrainingClient
 from spar.stages.base import (
+    Flags,
     GraphContext,
     Options,
     Params,
@@ -295,7 +296,11 @@ class TrainStage(StageKind[TrainParams, TrainOptions]):
         ]
 
     def estimate(
-        self, node: StageNode[TrainParams, TrainOptions], store: RunStore, upstream_fresh: bool
+        self,
+        node: StageNode[TrainParams, TrainOptions],
+        store: RunStore,
+        upstream_fresh: bool,
+        flags: Flags | None = None,
     ) -> dict[str, int]:
         """Training tokens: exact from a fresh dataset output, else ~4 bytes a token of docs."""
         built = store.stage_dir(node.experiment, "dataset") / "train.jsonl"
