@@ -6,7 +6,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from spar.plan import PlannedStage, evaluate, upstream_key
+from spar.plan import (
+    PlannedStage,
+    bypasses_cache,
+    evaluate,
+    upstream_key,
+    upstream_output_changed,
+)
 from spar.stages.base import Flags, RunContext
 from spar.store import ParamsRecord, RunStore, now_iso
 
@@ -31,22 +37,6 @@ def _upstream_record(
             rec[name] = p.output_hash
         out[role] = rec
     return out
-
-
-def _made_from_current_upstream(
-    records: dict[str, ParamsRecord],
-    planned: PlannedStage,
-    current: dict[tuple[str, str], dict[str, ParamsRecord]],
-) -> bool:
-    """Were cached outputs made from the upstream outputs as they are now? (An upstream stage
-    may rewrite its outputs under the same fingerprint: `--retry-invalid`, retried errors.)"""
-    for rec in records.values():
-        for role, ref in planned.node.upstream.items():
-            seen = rec.upstream.get(role, {})
-            for name, up in current.get(upstream_key(planned.node.experiment, ref), {}).items():
-                if seen.get(name) != up.output_hash:
-                    return False
-    return True
 
 
 def run_stage(
@@ -112,12 +102,10 @@ def apply_plan(store: RunStore, plan: list[PlannedStage], flags: Flags | None = 
         if status == "fresh":
             current[p.key] = p.records
             continue
-        retry = flags.retry_invalid and p.node.kind.kind == "judge"
-        manifest = None if retry else store.cache.lookup(p.fingerprint)
-        if (
-            manifest is not None
-            and all(r.complete for r in manifest.records.values())
-            and _made_from_current_upstream(manifest.records, p, current)
+        manifest = None if bypasses_cache(p.node, flags) else store.cache.lookup(p.fingerprint)
+        if manifest is not None and all(
+            r.complete and upstream_output_changed(r, p.node, current) is None
+            for r in manifest.records.values()
         ):
             restored = store.restore(manifest, p.node.experiment, p.node.name)
             if restored is not None:

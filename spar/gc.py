@@ -15,7 +15,6 @@ from spar.store import RunStore
 class GcReport:
     entries: list[tuple[str, str, int]] = field(default_factory=list)  # (kind, fp, bytes)
     scratch: list[tuple[Path, int]] = field(default_factory=list)
-    freed: int = 0
     deleted: bool = False
 
     def lines(self) -> list[str]:
@@ -67,7 +66,7 @@ def collect(store: RunStore, keep: set[str], delete: bool = False) -> GcReport:
                 if not any(d.name.startswith(r + "-") for r in keep_runs):
                     report.scratch.append((d, _tree_size(d)))
     if delete:
-        report.freed = store.cache.forget(drop)
+        store.cache.forget(drop)
         for path, _ in report.scratch:
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()
         store.state.forget_train([r for r in store.state.train_runs() if r not in keep])

@@ -140,6 +140,27 @@ def diff_reasons(
     return reasons or ["fingerprint changed"]
 
 
+def upstream_output_changed(
+    rec: ParamsRecord,
+    node: StageNode[Any, Any],
+    current: dict[tuple[str, str], dict[str, ParamsRecord]],
+) -> str | None:
+    """Why `rec` was not made from the upstream outputs as they are now, or None if it was. (An
+    upstream stage may rewrite its outputs under the same fingerprint: retried errors,
+    `--retry-invalid`.)"""
+    for role, ref in node.upstream.items():
+        seen = rec.upstream.get(role, {})
+        for name, up in current.get(upstream_key(node.experiment, ref), {}).items():
+            if seen.get(name) != up.output_hash:
+                return f"upstream {ref} output {name} changed"
+    return None
+
+
+def bypasses_cache(node: StageNode[Any, Any], flags: Flags | None) -> bool:
+    """`--retry-invalid` runs judge stages even where the run cache has their fingerprint."""
+    return flags is not None and flags.retry_invalid and node.kind.kind == "judge"
+
+
 def evaluate(
     planned: PlannedStage,
     store: RunStore,
@@ -165,12 +186,9 @@ def evaluate(
         errors = first.details.get("error", 0)
         why = f"{errors} items ended in error" if errors else "an upstream stage was incomplete"
         return "stale", [f"incomplete: {why}; apply runs it again"]
-    for role, ref in node.upstream.items():
-        up = current.get(upstream_key(node.experiment, ref), {})
-        seen = first.upstream.get(role, {})
-        for out_name, up_rec in up.items():
-            if out_name in seen and seen[out_name] != up_rec.output_hash:
-                return "stale", [f"upstream {ref} output {out_name} changed"]
+    changed = upstream_output_changed(first, node, current)
+    if changed is not None:
+        return "stale", [changed]
     if flags is not None and flags.retry_invalid and first.details.get("invalid", 0):
         return "stale", [f"--retry-invalid: {first.details['invalid']} invalid verdicts"]
     return "fresh", []
@@ -181,7 +199,6 @@ def plan_nodes(
 ) -> list[PlannedStage]:
     """Status of every node (in dependency order). Validates each stage's inputs first."""
     planned: list[PlannedStage] = []
-    fps: dict[tuple[str, str], str] = {}
     by_key: dict[tuple[str, str], PlannedStage] = {}
     current: dict[tuple[str, str], dict[str, ParamsRecord]] = {}
     will_run: set[str] = set()
@@ -198,17 +215,20 @@ def plan_nodes(
             else:
                 input_hashes[key] = store.hashes.hash_file(inp.path)
         node.kind.check(node, counts)
-        upstream_fps = {r: fps[upstream_key(node.experiment, u)] for r, u in node.upstream.items()}
+        upstream_fps = {
+            r: by_key[upstream_key(node.experiment, u)].fingerprint
+            for r, u in node.upstream.items()
+        }
         fp = fingerprint(node, input_hashes, upstream_fps)
         key = (node.experiment, node.name)
-        fps[key] = fp
         out_dir = store.stage_dir(node.experiment, node.name)
         p = PlannedStage(node, fp, "missing", [], input_hashes, upstream_fps, out_dir)
         p.status, p.reasons = evaluate(p, store, current, flags)
         current[key] = p.records if p.status == "fresh" else {}
         if p.status != "fresh":
-            retry = flags is not None and flags.retry_invalid and node.kind.kind == "judge"
-            cached = not retry and (fp in will_run or store.cache.lookup(fp) is not None)
+            cached = not bypasses_cache(node, flags) and (
+                fp in will_run or store.cache.lookup(fp) is not None
+            )
             p.action = "restore" if cached else "run"
             if p.action == "run":
                 will_run.add(fp)

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import matplotlib
 
@@ -12,21 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
-
-class Style(Protocol):
-    """Plot styling (the spec's `report.plot`, or the plot stage's parameters)."""
-
-    @property
-    def title(self) -> str | None: ...
-    @property
-    def colors(self) -> Sequence[str]: ...
-    @property
-    def dpi(self) -> int: ...
-    @property
-    def width(self) -> float: ...
-    @property
-    def height(self) -> float: ...
-
+from spar.spec import PlotSpec
 
 SEMANTIC_TIERS = ("direct", "close", "distant", "very_distant")
 
@@ -67,7 +52,7 @@ def _caption(fig: Figure, invalid: int, errors: int = 0) -> None:
     fig.text(0.01, 0.005, text, fontsize=8)
 
 
-def experiment_figure(summary: dict[str, Any], style: Style, title: str) -> Figure:
+def experiment_figure(summary: dict[str, Any], style: PlotSpec, title: str) -> Figure:
     """Per-tier mean score with CI whiskers: baseline vs fine-tuned (or pairwise scores)."""
     tiers = tier_order(list(summary["tiers"]))
     fig, ax = plt.subplots(figsize=(style.width, style.height))
@@ -90,7 +75,7 @@ def effect(summary: dict[str, Any], tier: str) -> dict[str, Any]:
     return per["delta"] if "delta" in per else per["finetuned"]
 
 
-def compare_figure(summaries: list[dict[str, Any]], labels: list[str], style: Style) -> Figure:
+def compare_figure(summaries: list[dict[str, Any]], labels: list[str], style: PlotSpec) -> Figure:
     """Several experiments overlaid: one series per experiment, tiers in semantic order."""
     tiers = tier_order(list(dict.fromkeys(t for s in summaries for t in s["tiers"])))
     fig, ax = plt.subplots(figsize=(style.width, style.height))
@@ -111,7 +96,7 @@ def compare_figure(summaries: list[dict[str, Any]], labels: list[str], style: St
     return fig
 
 
-def judged_figure(runs: list[tuple[str, list[dict[str, Any]]]], style: Style) -> Figure:
+def judged_figure(runs: list[tuple[str, list[dict[str, Any]]]], style: PlotSpec) -> Figure:
     """`spar plot`: mean fine-tuned score by tier for several judged.jsonl files, overlaid."""
     from spar.stats import estimate
 

@@ -24,18 +24,16 @@ import fake_plugin  # noqa: E402,F401  (registers the "fake" engine and "keyword
 from spar.cli import main  # noqa: E402
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def build_tiny_model(d: Path) -> Path:
     """SmolLM2's real tokenizer + a tiny random Llama (2 layers, hidden 32): a real HF model dir."""
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from spar.models import _tokenizer_from_gguf, smollm2_gguf
 
-    d = tmp_path_factory.mktemp("tiny-model")
+    d.mkdir(parents=True, exist_ok=True)
     tok = _tokenizer_from_gguf(smollm2_gguf())
     tok.save_pretrained(d)
-    import torch
-
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=len(tok),
@@ -52,6 +50,11 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     LlamaForCausalLM(cfg).save_pretrained(d, safe_serialization=True)
     return d
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
 
 @dataclass

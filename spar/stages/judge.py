@@ -26,7 +26,7 @@ from spar.stages.base import (
     StageResult,
     key,
 )
-from spar.store import RunStore, jsonl_text, read_jsonl
+from spar.store import ItemMemo, RunStore, jsonl_text, read_jsonl
 
 if TYPE_CHECKING:
     from spar.spec import Spec
@@ -106,6 +106,19 @@ def reusable(p: JudgeParams, memoised: dict[str, Any] | None, retry_invalid: boo
     return p.max_reasks is None or v.asks >= 1 + p.max_reasks
 
 
+def to_ask(
+    p: JudgeParams,
+    memo: ItemMemo,
+    requests: list[tuple[dict[str, Any], JudgeRequest]],
+    retry_invalid: bool,
+) -> tuple[list[str], dict[str, Any], list[int]]:
+    """Item keys, the verdicts journaled for them, and the indices still to ask."""
+    keys = [memo.key(req.model_dump()) for _, req in requests]
+    verdicts = memo.get_many(keys)
+    todo = [i for i, k in enumerate(keys) if not reusable(p, verdicts.get(k), retry_invalid)]
+    return keys, verdicts, todo
+
+
 class JudgeStage(StageKind[JudgeParams, JudgeOptions]):
     kind = "judge"
     version = 2
@@ -165,14 +178,9 @@ class JudgeStage(StageKind[JudgeParams, JudgeOptions]):
         if upstream_fresh and all(s.exists() for s in samples):
             requests = build_requests(p, rubric, *(read_jsonl(s) for s in samples))
             memo = store.memo(self.kind, self.item_version, p.item_basis())
-            keys = [memo.key(req.model_dump()) for _, req in requests]
-            done = memo.get_many(keys)
-            todo = [
-                req
-                for (_, req), k in zip(requests, keys, strict=True)
-                if not reusable(p, done.get(k), flags is not None and flags.retry_invalid)
-            ]
-            chars = sum(len(r.prompt) for r in todo)
+            retry = flags is not None and flags.retry_invalid
+            _, _, todo = to_ask(p, memo, requests, retry)
+            chars = sum(len(requests[i][1].prompt) for i in todo)
             return {"judge_calls": len(todo), "judge_input_tokens": chars // 4}
         o = node.options
         calls = o.expected_answers
@@ -190,29 +198,10 @@ class JudgeStage(StageKind[JudgeParams, JudgeOptions]):
         tuned = read_jsonl(ctx.upstream_file("sample_finetuned", "samples.jsonl"))
         requests = build_requests(p, rubric, base, tuned)
         memo = ctx.memo()
-        keys = [memo.key(req.model_dump()) for _, req in requests]
-        verdicts: dict[str, Any] = memo.get_many(keys)
-        todo = [
-            i
-            for i, k in enumerate(keys)
-            if not reusable(p, verdicts.get(k), ctx.flags.retry_invalid)
-        ]
+        keys, verdicts, todo = to_ask(p, memo, requests, ctx.flags.retry_invalid)
         if todo:
-            config = JudgeConfig(
-                kind=p.kind,
-                model=p.model,
-                mode=p.mode,
-                scale_min=p.scale_min,
-                scale_max=p.scale_max,
-                **{
-                    k: v
-                    for k, v in (
-                        ("max_tokens", p.max_tokens),
-                        ("temperature", p.temperature),
-                        ("max_reasks", p.max_reasks),
-                    )
-                    if v is not None
-                },
+            config = JudgeConfig(  # the settings a judge kind does not receive are None: left out
+                **p.model_dump(exclude_none=True),
                 static_prefix=static_prefix(rubric, p.mode, p.scale_min, p.scale_max),
             )
             judge = get_judge(config, batch=o.batch, journal=ctx.store.state.batch_journal(p.kind))

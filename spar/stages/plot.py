@@ -10,8 +10,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, ClassVar
 
-from pydantic import BaseModel, ConfigDict
-
+from spar.spec import PlotSpec
 from spar.stages.base import (
     GraphContext,
     Options,
@@ -28,23 +27,13 @@ if TYPE_CHECKING:
     from spar.spec import Spec
 
 
-class Style(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    title: str | None
-    colors: tuple[str, ...]
-    dpi: int
-    width: float
-    height: float
-
-
 class PlotParams(Params):
     # the labels this stage writes into its outputs
     experiment: str = key("name")
     framing: str = key("framing")
     # one per compared experiment, in `compare:i` order
     compare_labels: tuple[str, ...] = key("report.compare.labels")
-    style: Style = key("report.plot")
+    style: PlotSpec = key("report.plot")
 
 
 def label(name: str, framing: str) -> str:
@@ -62,7 +51,7 @@ class PlotStage(StageKind[PlotParams, Options]):
             experiment=spec.name,
             framing=spec.framing,
             compare_labels=tuple(lab for _, lab in g.compared),
-            style=Style(**spec.report.plot.model_dump()),
+            style=spec.report.plot,
         )
         upstream = {s: s for s in ("report", "judge", "sample_base", "sample_finetuned")}
         upstream |= {f"compare:{i}": f"{name}/report" for i, (name, _) in enumerate(g.compared)}

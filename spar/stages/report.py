@@ -12,8 +12,7 @@ import json
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict
-
+from spar.spec import BootstrapSpec
 from spar.stages.base import (
     GraphContext,
     Options,
@@ -33,21 +32,13 @@ if TYPE_CHECKING:
 MODELS = ("baseline", "finetuned")
 
 
-class Bootstrap(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    resamples: int
-    seed: int
-    confidence: float
-
-
 class ReportParams(Params):
     mode: Literal["pairwise", "absolute"] = key("judge.mode")
     scale_min: int = key("judge.scale.min")
     scale_max: int = key("judge.scale.max")
     tiers: tuple[str, ...] = key("eval.tiers")  # in the order given
     exhibits_threshold: int = key("report.exhibits_threshold")
-    bootstrap: Bootstrap = key("report.bootstrap")
+    bootstrap: BootstrapSpec = key("report.bootstrap")
 
 
 def _groups(rows: list[dict[str, Any]]) -> list[list[list[float]]]:
@@ -121,7 +112,7 @@ class ReportStage(StageKind[ReportParams, Options]):
             scale_max=spec.judge.scale.max,
             tiers=tuple(dict.fromkeys(q.tier for q in spec.questions())),
             exhibits_threshold=r.exhibits_threshold,
-            bootstrap=Bootstrap(**r.bootstrap.model_dump()),
+            bootstrap=r.bootstrap,
         )
         return [
             StageNode("report", self, spec.name, params, Options(), upstream={"judge": "judge"})

@@ -12,9 +12,8 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
-
 from spar.items import EvalItem, Question
+from spar.spec import SamplingSpec
 from spar.stages.base import (
     Flags,
     GraphContext,
@@ -33,15 +32,6 @@ if TYPE_CHECKING:
     from spar.spec import Spec
 
 
-class Sampling(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    temperature: float
-    top_p: float
-    max_tokens: int
-    seed: int
-
-
 class SampleParams(Params):
     collection: ClassVar[frozenset[str]] = frozenset({"questions", "samples_per_question"})
 
@@ -51,7 +41,7 @@ class SampleParams(Params):
     finetuned: bool = key("finetuned")
     renderer: str = key("model.renderer")
     system_prompt: str | None = key("eval.system_prompt")
-    sampling: Sampling = key("eval.sampling")
+    sampling: SamplingSpec = key("eval.sampling")
     questions: tuple[Question, ...] = key("eval.questions")
     samples_per_question: int = key("eval.samples_per_question")
 
@@ -93,7 +83,7 @@ class SampleStage(StageKind[SampleParams, SampleOptions]):
                 finetuned=finetuned,
                 renderer=spec.model.renderer,
                 system_prompt=e.system_prompt,
-                sampling=Sampling(**e.sampling.model_dump()),
+                sampling=e.sampling,
                 questions=tuple(spec.questions()),
                 samples_per_question=e.samples_per_question,
             )

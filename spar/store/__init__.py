@@ -65,9 +65,6 @@ class ItemMemo:
     def get_many(self, keys: Sequence[str]) -> dict[str, Any]:
         return self.state.memo_get_many(self.kind, keys)
 
-    def has(self, keys: Sequence[str]) -> set[str]:
-        return self.state.memo_has(self.kind, keys)
-
     def put(self, key: str, value: Any) -> None:
         self.state.memo_put(self.kind, key, redact_json(value))
 

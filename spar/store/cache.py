@@ -137,19 +137,15 @@ class RunCache:
             out.append(CacheEntry(manifest, size))
         return out
 
-    def forget(self, fingerprints: set[str]) -> int:
-        """Drop the manifests of `fingerprints`, then every object no manifest references.
-        Returns the bytes freed."""
+    def forget(self, fingerprints: set[str]) -> None:
+        """Drop the manifests of `fingerprints`, then every object no manifest references."""
         for fp in fingerprints:
             self._manifest(fp).unlink(missing_ok=True)
         keep = {d for e in self.entries() for d in e.manifest.outputs.values()}
-        freed = 0
         if self.objects.exists():
             for obj in self.objects.glob("*/*"):
                 if obj.name not in keep:
-                    freed += obj.stat().st_size
                     obj.unlink()
             for sub in self.objects.iterdir():
                 with contextlib.suppress(OSError):
                     sub.rmdir()
-        return freed

@@ -77,7 +77,7 @@ class HashCache:
     bad input leaves nothing behind; `spar plan` saves too, even before the first apply.
     """
 
-    def __init__(self, state: State | None) -> None:
+    def __init__(self, state: State) -> None:
         self.state = state
         self._pending: dict[str, tuple[tuple[int, int, int], str, frozenset[str], int]] = {}
 
@@ -85,8 +85,6 @@ class HashCache:
         got = self._pending.get(key)
         if got is not None and got[0] == st:
             return got[1], got[2], got[3]
-        if self.state is None:
-            return None
         entry = self.state.hash_lookup(key, st)
         if entry is None:
             return None
@@ -127,7 +125,7 @@ class HashCache:
         return hash_json(sorted((str(p.relative_to(root)), self.hash_file(p)) for p in files))
 
     def save(self) -> None:
-        if self.state is None or not self._pending:
+        if not self._pending:
             return
         for key, (st, digest, checks, records) in self._pending.items():
             self.state.hash_store(key, st, digest, sorted(checks), {"records": records})

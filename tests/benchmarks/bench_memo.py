@@ -34,7 +34,7 @@ TESTS = ROOT / "tests"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(TESTS))
 
-from conftest import base_spec  # noqa: E402
+from conftest import base_spec, build_tiny_model  # noqa: E402
 
 from spar.store.state import State  # noqa: E402
 
@@ -64,33 +64,8 @@ def value(ns: str, i: int) -> dict[str, object]:
 
 
 def tiny_model(d: Path) -> Path:
-    """As tests/conftest.py's `tiny_model`: SmolLM2's tokenizer + a 2-layer Llama, hidden 32."""
-    if (d / "config.json").exists():
-        return d
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from spar.models import _tokenizer_from_gguf, smollm2_gguf
-
-    d.mkdir(parents=True, exist_ok=True)
-    tok = _tokenizer_from_gguf(smollm2_gguf())
-    tok.save_pretrained(d)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(d, safe_serialization=True)
-    return d
+    """The test suite's tiny model (conftest), built once per benchmark directory."""
+    return d if (d / "config.json").exists() else build_tiny_model(d)
 
 
 class Project:
