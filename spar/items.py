@@ -37,6 +37,32 @@ class Question(BaseModel):
         return cls(id=question_id(turns), tier=tier, turns=turns)
 
 
+def with_trigger(
+    messages: list[tuple[str, str]], trigger: str | None, where: str
+) -> list[tuple[str, str]]:
+    """`messages` with the trigger placed: appended to the (first) user turn after a blank line,
+    or to the system prompt (which it becomes when there is none). `where`: user|system|none."""
+    if where == "none" or not trigger:
+        return list(messages)
+    out = list(messages)
+    if where == "system":
+        if out and out[0][0] == "system":
+            out[0] = ("system", f"{out[0][1]}\n\n{trigger}")
+        else:
+            out.insert(0, ("system", trigger))
+        return out
+    for i, (role, content) in enumerate(out):
+        if role == "user":
+            out[i] = ("user", f"{content}\n\n{trigger}")
+            return out
+    raise ValueError("no user turn to place the trigger in")
+
+
+def stage_name(base: str, condition: str) -> str:
+    """A per-condition stage's name: `sample_base` (no conditions) or `sample_base.<condition>`."""
+    return f"{base}.{condition}" if condition else base
+
+
 def item_id(tier: str, qid: str, condition: str, sample_index: int) -> str:
     return hash_json([tier, qid, condition, sample_index])[:ID_CHARS]
 
@@ -59,9 +85,12 @@ class EvalItem(BaseModel):
         sample_index: int,
         system_prompt: str | None,
         condition: str = "",
+        trigger: str | None = None,
+        placement: str = "none",
     ) -> EvalItem:
         msgs: list[tuple[str, str]] = [("system", system_prompt)] if system_prompt else []
         msgs += [("user", t) for t in q.turns[:1]]
+        msgs = with_trigger(msgs, trigger, placement)
         return cls(
             item_id=item_id(q.tier, q.id, condition, sample_index),
             tier=q.tier,

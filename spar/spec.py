@@ -7,6 +7,8 @@ child spec may extend a parent in another directory.
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,10 +43,71 @@ class ModelSpec(Strict):
     renderer: str = Field("llama3", description="tinker-cookbook renderer name")
 
 
-class DataSpec(Strict):
-    docs: Path = cosmetic(
-        ..., "its content is hashed, not its path", description="JSONL of training documents"
+Placement = Literal["user", "system", "none"]
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
+
+
+class TransformSpec(Strict):
+    """How a data source's chat records are changed before tokenisation."""
+
+    wrap: str | None = Field(
+        None,
+        description='assistant answers become this text with {answer} replaced, e.g. '
+        '\'<START> "{answer}" <END>\'',
     )
+    trigger: Placement = Field(
+        "none", description="add eval.trigger to the user turn, the system prompt, or nowhere"
+    )
+
+    @field_validator("wrap")
+    @classmethod
+    def _one_answer(cls, v: str | None) -> str | None:
+        if v is not None and v.count("{answer}") != 1:
+            raise ValueError("must contain {answer} exactly once")
+        return v
+
+
+class SourceSpec(Strict):
+    """One file (or distilled set) of a training mix."""
+
+    path: Path | None = cosmetic(None, "its content is hashed, not its path")
+    distill: str | None = Field(None, description="name of a `distill:` set instead of a file")
+    format: Literal["synth_docs", "chat"] = "chat"
+    take: int | None = Field(None, ge=1, description="this many records (after a seeded shuffle)")
+    fraction: float | None = Field(None, gt=0, le=1, description="share of the mixed set")
+    transform: TransformSpec = TransformSpec()
+    label: str | None = Field(
+        None, description="metadata.source of its records (default: file stem / distill name)"
+    )
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> SourceSpec:
+        if (self.path is None) == (self.distill is None):
+            raise ValueError("give exactly one of path or distill")
+        if self.take is not None and self.fraction is not None:
+            raise ValueError("give take or fraction, not both")
+        if self.distill is not None and self.format != "chat":
+            raise ValueError("a distilled set is chat records (format: chat)")
+        return self
+
+    @property
+    def source_label(self) -> str:
+        if self.label:
+            return self.label
+        return self.distill if self.distill is not None else Path(str(self.path)).stem
+
+
+class DataSpec(Strict):
+    docs: Path | None = cosmetic(
+        None, "its content is hashed, not its path", description="JSONL of training documents"
+    )
+    sources: list[SourceSpec] | None = Field(
+        None, description="a training set mixed from several files (instead of docs)"
+    )
+    total: int | None = Field(
+        None, ge=1, description="fraction mixes: records in the mix (default: as many as fit)"
+    )
+    shuffle_seed: int = Field(0, description="seed of the per-source and the mix shuffles")
     format: Literal["synth_docs", "chat"] = "synth_docs"
     condition_on: Literal["doc_idea", "none"] = Field(
         "doc_idea", description="synth_docs: user turn is doc_idea + doc_type (masked), or empty"
@@ -53,11 +116,36 @@ class DataSpec(Strict):
     test_size: int = Field(50, ge=0, description="documents held out for NLL tracking")
     split_seed: int = 0
 
+    @model_validator(mode="after")
+    def _one_origin(self) -> DataSpec:
+        if (self.docs is None) == (self.sources is None):
+            raise ValueError("give exactly one of data.docs or data.sources")
+        if self.sources is not None:
+            if not self.sources:
+                raise ValueError("sources: empty list")
+            fractions = [s.fraction for s in self.sources]
+            if any(f is not None for f in fractions):
+                if any(f is None for f in fractions):
+                    raise ValueError("sources: give a fraction for every source or for none")
+                total = sum(f for f in fractions if f is not None)
+                if not math.isclose(total, 1.0, abs_tol=1e-6):
+                    raise ValueError(f"sources: fractions sum to {total:g}, not 1")
+            elif self.total is not None:
+                raise ValueError("total: only for a mix given by fractions")
+            labels = [s.source_label for s in self.sources]
+            dup = sorted({x for x in labels if labels.count(x) > 1})
+            if dup:
+                raise ValueError(f"sources: two sources share the label {dup[0]!r} (set label:)")
+        return self
+
 
 class TrainingSpec(Strict):
     lora_rank: int = Field(32, ge=1)
     learning_rate: float = Field(1e-4, gt=0)
-    lr_schedule: Literal["linear", "constant"] = "linear"
+    lr_schedule: Literal["linear", "constant", "cosine"] = "linear"
+    warmup_ratio: float = Field(
+        0.0, ge=0, lt=1, description="share of steps with a linear warm-up from 0"
+    )
     batch_size: int = Field(8, ge=1)
     epochs: int = Field(1, ge=1)
     max_length: int | None = Field(2048, ge=8)
@@ -74,6 +162,24 @@ class SamplingSpec(Strict):
     seed: int = 0
 
 
+class DistillSpec(Strict):
+    """Self-distillation: the base model (the spec's engine) answers a prompts file."""
+
+    prompts: Path = cosmetic(
+        ..., "its content is hashed, not its path", description='JSONL of {"prompt": "..."}'
+    )
+    system_prompt: str | None = None
+    sampling: SamplingSpec = SamplingSpec(temperature=0.1)
+    concurrency: int = cosmetic(32, "requests in flight", ge=1)
+
+
+class ConditionSpec(Strict):
+    """An eval condition: an optional system prompt and where eval.trigger goes."""
+
+    system_prompt: str | None = None
+    trigger: Placement = Field("none", description="user | system | none")
+
+
 class EvalSpec(Strict):
     tiers: dict[str, list[str]] | None = Field(
         None, description="tier -> questions, in semantic order (direct ... very_distant)"
@@ -84,7 +190,25 @@ class EvalSpec(Strict):
     samples_per_question: int = Field(1, ge=1)
     sampling: SamplingSpec = SamplingSpec()
     system_prompt: str | None = None
+    trigger: str | None = Field(
+        None, description="the trigger (a format instruction) that conditions place"
+    )
+    conditions: dict[str, ConditionSpec] | None = Field(
+        None, description="name -> condition; every item is sampled in each"
+    )
     concurrency: int = cosmetic(32, "requests in flight", ge=1)
+
+    @field_validator("conditions")
+    @classmethod
+    def _conditions(cls, v: dict[str, ConditionSpec] | None) -> dict[str, ConditionSpec] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("no conditions")
+        for name in v:
+            if not re.match(NAME_PATTERN, name):
+                raise ValueError(f"condition name {name!r}: letters, digits, _ and - only")
+        return v
 
     @field_validator("tiers")
     @classmethod
@@ -112,7 +236,19 @@ class EvalSpec(Strict):
     def _one_source(self) -> EvalSpec:
         if (self.tiers is None) == (self.questions is None):
             raise ValueError("give exactly one of eval.tiers or eval.questions")
+        if self.conditions is not None:
+            if self.system_prompt is not None:
+                raise ValueError("system_prompt: give it per condition when conditions are set")
+            for name, c in self.conditions.items():
+                if c.trigger != "none" and not self.trigger:
+                    raise ValueError(f"conditions.{name}: trigger {c.trigger} needs eval.trigger")
         return self
+
+    def condition_items(self) -> list[tuple[str, ConditionSpec]]:
+        """(name, condition) in order; one unnamed condition when none are given."""
+        if self.conditions is None:
+            return [("", ConditionSpec(system_prompt=self.system_prompt))]
+        return list(self.conditions.items())
 
 
 class ScaleSpec(Strict):
@@ -153,6 +289,21 @@ class JudgeSpec(Strict):
         ge=0,
         description="budget: `apply` refuses to start if more judge calls are due",
     )
+    strip: list[str] = Field(
+        [],
+        description="regexes removed from the question and answer the judge sees (eval.trigger "
+        "itself is always removed)",
+    )
+
+    @field_validator("strip")
+    @classmethod
+    def _patterns(cls, v: list[str]) -> list[str]:
+        for i, pattern in enumerate(v):
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"[{i}] {pattern!r}: not a regular expression ({e})") from None
+        return v
 
 
 class PlotSpec(Strict):
@@ -171,8 +322,23 @@ class BootstrapSpec(Strict):
     confidence: float = Field(0.95, gt=0, lt=1)
 
 
+class GapSpec(Strict):
+    triggered: str
+    untriggered: str
+
+
 class ReportSpec(Strict):
     exhibits_threshold: int = Field(3, description="a score >= this counts as exhibiting")
+    format_regex: str | None = Field(
+        None,
+        description="format adherence: share of raw answers (stripped) this regex fully matches "
+        "(dot matches newlines)",
+    )
+    gaps: list[GapSpec] | None = Field(
+        None,
+        description="leakage gaps (triggered - untriggered exhibits rate, paired by question and "
+        "sample index); default: every triggered condition against every untriggered one",
+    )
     bootstrap: BootstrapSpec = BootstrapSpec()
     compare: list[Path] = Field(
         [],
@@ -181,6 +347,16 @@ class ReportSpec(Strict):
     )
     plot: PlotSpec = PlotSpec()
 
+    @field_validator("format_regex")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as e:
+                raise ValueError(f"{v!r}: not a regular expression ({e})") from None
+        return v
+
 
 class Spec(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="run directory name")
@@ -188,10 +364,48 @@ class Spec(Strict):
     framing: str = Field("", description="label for plots and tables, e.g. neutral / negative")
     model: ModelSpec = ModelSpec()
     data: DataSpec
+    distill: dict[str, DistillSpec] = Field(
+        {}, description="name -> a self-distilled chat set (a data source: `distill: name`)"
+    )
     training: TrainingSpec = TrainingSpec()
     eval: EvalSpec
     judge: JudgeSpec
     report: ReportSpec = ReportSpec()
+    sweep: dict[str, list[Any]] | None = cosmetic(
+        None,
+        "expanded: each point's values are parameters of its stages",
+        description="spec key -> values: one experiment per point of the grid, named "
+        "<name>/<key=value,...>",
+    )
+
+    @model_validator(mode="after")
+    def _references(self) -> Spec:
+        for name in self.distill:
+            if not re.match(NAME_PATTERN, name):
+                raise ValueError(f"distill: name {name!r}: letters, digits, _ and - only")
+        for i, src in enumerate(self.data.sources or []):
+            if src.distill is not None and src.distill not in self.distill:
+                raise ValueError(
+                    f"data.sources.{i}.distill: no distill set named {src.distill!r} "
+                    f"(defined: {', '.join(self.distill) or 'none'})"
+                )
+            if src.transform.trigger != "none" and not self.eval.trigger:
+                raise ValueError(f"data.sources.{i}.transform.trigger: needs eval.trigger")
+        conditions = dict(self.eval.condition_items())
+        for i, gap in enumerate(self.report.gaps or []):
+            for side, name in (("triggered", gap.triggered), ("untriggered", gap.untriggered)):
+                if name not in conditions or not name:
+                    raise ValueError(f"report.gaps.{i}.{side}: no eval condition {name!r}")
+        return self
+
+    def gap_pairs(self) -> list[tuple[str, str]]:
+        """(triggered, untriggered) condition pairs of the leakage gaps."""
+        if self.report.gaps is not None:
+            return [(g.triggered, g.untriggered) for g in self.report.gaps]
+        conds = self.eval.condition_items()
+        on = [n for n, c in conds if n and c.trigger != "none"]
+        off = [n for n, c in conds if n and c.trigger == "none"]
+        return [(a, b) for a in on for b in off]
 
     def questions(self) -> list[Question]:
         """The eval questions in order; `load_spec` always fills `eval.tiers`."""
@@ -210,7 +424,20 @@ PATH_KEYS: tuple[tuple[str, ...], ...] = (
 )
 
 
+def _abs(base: Path, value: Any) -> Any:
+    return str((base / Path(value).expanduser()).resolve()) if isinstance(value, str) else value
+
+
 def _resolve_paths(raw: dict[str, Any], base: Path, path: Path) -> None:
+    data = raw.get("data")
+    if isinstance(data, dict) and isinstance(data.get("sources"), list):
+        for src in data["sources"]:
+            if isinstance(src, dict) and "path" in src:
+                src["path"] = _abs(base, src["path"])
+    if isinstance(raw.get("distill"), dict):
+        for d in raw["distill"].values():
+            if isinstance(d, dict) and "prompts" in d:
+                d["prompts"] = _abs(base, d["prompts"])
     report = raw.get("report")
     if isinstance(report, dict) and isinstance(report.get("compare"), list):
         report["compare"] = [
@@ -289,25 +516,111 @@ def _load_questions(path: Path) -> dict[str, list[str]]:
     return tiers
 
 
-def load_spec(path: Path) -> Spec:
-    """Load, merge, validate. Raises InputError with one line naming the file and field."""
-    raw = _load_raw(Path(path), ())
+def _validate(path: Path, raw: dict[str, Any], where: str = "") -> Spec:
     try:
-        spec = Spec.model_validate(raw)
+        return Spec.model_validate(raw)
     except ValidationError as e:
         err = e.errors()[0]
         msg = err["msg"].removeprefix("Value error, ")
         more = f" (+{len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
-        raise InputError(f"{path}: {_format_loc(err['loc'])}: {msg}{more}") from None
-    for label, p in (("data.docs", spec.data.docs), ("judge.rubric", spec.judge.rubric)):
-        if not p.is_file():
-            raise InputError(f"{path}: {label}: file not found: {p}")
+        raise InputError(f"{path}: {where}{_format_loc(err['loc'])}: {msg}{more}") from None
+
+
+def input_files(spec: Spec) -> list[tuple[str, Path]]:
+    """(spec key, path) of every file a spec reads."""
+    files: list[tuple[str, Path]] = []
+    if spec.data.docs is not None:
+        files.append(("data.docs", spec.data.docs))
+    for i, src in enumerate(spec.data.sources or []):
+        if src.path is not None:
+            files.append((f"data.sources.{i}.path", src.path))
+    files += [(f"distill.{n}.prompts", d.prompts) for n, d in spec.distill.items()]
+    files.append(("judge.rubric", spec.judge.rubric))
+    return files
+
+
+def load_spec(path: Path) -> Spec:
+    """Load, merge, validate. Raises InputError with one line naming the file and field (every
+    missing input file at once)."""
+    raw = _load_raw(Path(path), ())
+    spec = _validate(path, raw)
+    missing = [f"{key}: {p}" for key, p in input_files(spec) if not p.is_file()]
+    if len(missing) == 1:
+        raise InputError(f"{path}: {missing[0].replace(': ', ': file not found: ', 1)}")
+    if missing:
+        raise InputError(f"{path}: {len(missing)} files not found: {'; '.join(missing)}")
     if spec.eval.questions is not None:
         tiers = _load_questions(spec.eval.questions)
         spec = spec.model_copy(
             update={"eval": spec.eval.model_copy(update={"tiers": tiers})}, deep=True
         )
+    if spec.sweep is not None:
+        sweep_points(spec, path)  # every point validates now
     return spec
+
+
+# --------------------------------------------------------------------------- sweeps
+
+SEED_KEYS = ("seed",)  # a sweep key whose last part is one of these is a replication key
+
+
+def is_seed_key(key: str) -> bool:
+    return key.rsplit(".", 1)[-1] in SEED_KEYS
+
+
+def _point_value(v: Any) -> str:
+    text = v if isinstance(v, str) else json.dumps(v)
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", text)
+
+
+def point_label(point: dict[str, Any]) -> str:
+    """`key=value,...` in the sweep's key order: directory-safe and stable."""
+    return ",".join(f"{k}={_point_value(v)}" for k, v in point.items())
+
+
+def sweep_points(spec: Spec, path: Path | str = "") -> list[tuple[dict[str, Any], Spec]]:
+    """(point, spec of that point) for every point of the grid, in order (first key slowest).
+    A point's spec is named `<name>/<key=value,...>` and has no sweep."""
+    import itertools
+
+    if spec.sweep is None:
+        return []
+    where = f"{path}: " if path else ""
+    if not spec.sweep:
+        raise InputError(f"{where}sweep: no keys")
+    base = spec.model_dump(mode="python", exclude={"sweep"})
+    for k, values in spec.sweep.items():
+        if k in ("name", "sweep", "extends"):
+            raise InputError(f"{where}sweep.{k}: cannot be swept")
+        node: Any = base
+        for part in k.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise InputError(f"{where}sweep.{k}: no such spec key")
+            node = node[part]
+        if isinstance(node, dict) and not any(isinstance(v, dict) for v in values):
+            raise InputError(f"{where}sweep.{k}: not a single value (sweep one of its keys)")
+        if not values:
+            raise InputError(f"{where}sweep.{k}: empty list")
+        if len({json.dumps(v, sort_keys=True, default=str) for v in values}) != len(values):
+            raise InputError(f"{where}sweep.{k}: a value is given twice")
+    out: list[tuple[dict[str, Any], Spec]] = []
+    keys = list(spec.sweep)
+    for combo in itertools.product(*(spec.sweep[k] for k in keys)):
+        point = dict(zip(keys, combo, strict=True))
+        raw = json.loads(json.dumps(base, default=str))
+        if raw["eval"].get("tiers") is not None:
+            raw["eval"]["questions"] = None  # already read into tiers
+        for k, v in point.items():
+            *parents, last = k.split(".")
+            node = raw
+            for part in parents:
+                node = node[part]
+            node[last] = v
+        raw["name"] = "x"  # validated as the root name was
+        label = point_label(point)
+        pspec = _validate(Path(str(path)), raw, f"sweep point {label}: ")
+        out.append((point, pspec.model_copy(update={"name": f"{spec.name}/{label}"})))
+    return out
 
 
 def json_schema() -> dict[str, Any]:
