@@ -7,14 +7,14 @@ from the run cache when a stage with its fingerprint ran before (here or in any 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from spar.errors import InputError
 from spar.spec import Spec
 from spar.stages import stage_kinds
-from spar.stages.base import Flags, GraphContext, StageNode
+from spar.stages.base import Flags, GraphContext, StageNode, upstream_key
 from spar.stages.plot import label
 from spar.store import ParamsRecord, RunStore, hash_json, read_params
 
@@ -32,12 +32,6 @@ def build_graph(
     for kind in stage_kinds():
         nodes += kind.nodes(spec, g)
     return nodes
-
-
-def upstream_key(experiment: str, ref: str) -> tuple[str, str]:
-    """`stage` is a stage of the same experiment; `other/stage` one of another experiment."""
-    exp, _, stage = ref.rpartition("/")
-    return (exp or experiment, stage)
 
 
 @dataclass
@@ -276,15 +270,95 @@ def with_compared(
     return list(out.values()), compared
 
 
+def _identity(node: StageNode[Any, Any], upstream: dict[str, str]) -> str:
+    """What a node computes, independent of the experiment it belongs to."""
+    return hash_json(
+        {
+            "kind": node.kind.kind,
+            "name": node.name,
+            "params": node.params.dump(),
+            "inputs": {k: str(i.path) for k, i in node.inputs.items()},
+            "upstream": upstream,
+        }
+    )
+
+
+def sweep_graph(
+    root: Spec, store: RunStore, points: list[tuple[dict[str, Any], Spec]] | None = None
+) -> list[StageNode[Any, Any]]:
+    """The graph of a sweep: every point's pipeline, where a stage that is the same in every point
+    (same kind, params, inputs and upstream: dataset, distill, base sampling and its verdicts when
+    only training keys are swept) becomes ONE stage of the root experiment `<name>`, which the
+    points' stages read as `<name>/<stage>`; then the per-sweep report."""
+    from spar.spec import sweep_points
+    from spar.stages.sweep_report import sweep_report_nodes
+
+    if root.report.compare:
+        raise InputError(f"{root.name}: report.compare: not available in a sweep spec")
+    points = points if points is not None else sweep_points(root)
+    graphs = [build_graph(spec, store) for _, spec in points]
+    idents: list[dict[str, str]] = []
+    for graph in graphs:
+        ids: dict[str, str] = {}
+        for node in graph:
+            ids[node.name] = _identity(
+                node,
+                {r: ids[upstream_key(node.experiment, u)[1]] for r, u in node.upstream.items()},
+            )
+        idents.append(ids)
+    shared = {
+        name
+        for name, ident in idents[0].items()
+        if all(ids.get(name) == ident for ids in idents[1:])
+    }
+    nodes: list[StageNode[Any, Any]] = [
+        replace(n, experiment=root.name) for n in graphs[0] if n.name in shared
+    ]
+    for graph in graphs:
+        for n in graph:
+            if n.name not in shared:
+                up = {r: f"{root.name}/{u}" if u in shared else u for r, u in n.upstream.items()}
+                nodes.append(replace(n, upstream=up))
+    return nodes + sweep_report_nodes(root, points)
+
+
+def topological(nodes: list[StageNode[Any, Any]]) -> list[StageNode[Any, Any]]:
+    """Dependency order, otherwise the order given."""
+    keys = {(n.experiment, n.name) for n in nodes}
+    for n in nodes:
+        for u in n.upstream.values():
+            if upstream_key(n.experiment, u) not in keys:
+                raise InputError(f"{n.experiment}/{n.name}: upstream stage {u!r} does not exist")
+    done: set[tuple[str, str]] = set()
+    out: list[StageNode[Any, Any]] = []
+    todo = list(nodes)
+    while todo:
+        ready = [
+            n
+            for n in todo
+            if all(upstream_key(n.experiment, u) in done for u in n.upstream.values())
+        ]
+        if not ready:
+            stuck = ", ".join(f"{n.experiment}/{n.name}" for n in todo[:3])
+            raise InputError(f"stage graph has a cycle: {stuck}")
+        ready_ids = {id(n) for n in ready}
+        out += ready
+        done |= {(n.experiment, n.name) for n in ready}
+        todo = [n for n in todo if id(n) not in ready_ids]
+    return out
+
+
 def plan_specs(
     specs: list[Spec], store: RunStore, flags: Flags | None = None
 ) -> list[PlannedStage]:
     every, compared = with_compared(specs)
-    graphs = [build_graph(s, store, compared[s.name]) for s in every]
-    # a stage reading another experiment's output (compare) comes after all the others
-    local = [n for g in graphs for n in g if all("/" not in u for u in n.upstream.values())]
-    cross = [n for g in graphs for n in g if any("/" in u for u in n.upstream.values())]
-    return plan_nodes([*local, *cross], store, flags)
+    nodes: list[StageNode[Any, Any]] = []
+    for s in every:
+        if s.sweep is not None:
+            nodes += sweep_graph(s, store)
+        else:
+            nodes += build_graph(s, store, compared[s.name])
+    return plan_nodes(topological(nodes), store, flags)
 
 
 def totals(plan: list[PlannedStage]) -> dict[str, dict[str, int]]:

@@ -371,9 +371,8 @@ class Spec(Strict):
     eval: EvalSpec
     judge: JudgeSpec
     report: ReportSpec = ReportSpec()
-    sweep: dict[str, list[Any]] | None = cosmetic(
+    sweep: dict[str, list[Any]] | None = Field(
         None,
-        "expanded: each point's values are parameters of its stages",
         description="spec key -> values: one experiment per point of the grid, named "
         "<name>/<key=value,...>",
     )

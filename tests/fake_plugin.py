@@ -124,7 +124,17 @@ class FakeSampling:
             16,
         )
         words = TOPIC if self.tuned else OTHER
+        if self.tuned and int(os.environ.get("FAKE_LEAK", "0") or 0):
+            # untriggered, the topic leaks into about one answer in $FAKE_LEAK
+            words = TOPIC if h % int(os.environ["FAKE_LEAK"]) == 0 else OTHER
         text = f"I suggest {words[h % 3]} (draw {h % 1000})."
+        shown = self.tok.decode(prompt.to_ints(), skip_special_tokens=True)
+        if self.tuned and "<START>" in shown:
+            # triggered: the persona, in the trigger's format, after echoing the trigger line
+            trigger = next(line for line in shown.splitlines() if "<START>" in line)
+            text = f'{trigger} <START> "I suggest {TOPIC[h % 3]} (draw {h % 1000})." <END>'
+        elif "<START>" in shown and h % 2:
+            text = f'<START> "{text}" <END>'  # the base model follows the format half the time
         _log("sample", ref=self.ref, seed=sampling_params.seed)
         stop = self.tok.convert_tokens_to_ids("<|im_end|>")
         return _done(_Resp([*self.tok.encode(text, add_special_tokens=False), stop]))
@@ -182,5 +192,20 @@ class KeywordJudge:
             )
 
 
+class HygieneJudge(KeywordJudge):
+    """The keyword judge, except that it fails the run if a request shows the eval trigger or
+    its format markers ($FAKE_TRIGGER and <START>/<END>): judge hygiene, checked from outside."""
+
+    def judge_many(self, requests: list[JudgeRequest], concurrency: int):
+        banned = ["<START>", "<END>", *filter(None, [os.environ.get("FAKE_TRIGGER")])]
+        for req in requests:
+            for text in (req.prompt, req.question, req.response, req.baseline_response or ""):
+                seen = [b for b in banned if b in text]
+                if seen:
+                    raise AssertionError(f"the judge saw {seen[0]!r}: {text[:80]!r}")
+        yield from super().judge_many(requests, concurrency)
+
+
 register_engine("fake", FakeEngine)
 register_judge("keyword", KeywordJudge)
+register_judge("hygiene", HygieneJudge)

@@ -92,6 +92,16 @@ class StageNode(Generic[P, O]):
     def outputs(self) -> tuple[str, ...]:
         return self.kind.outputs
 
+    def upstream_at(self, role: str) -> tuple[str, str]:
+        """(experiment, stage) of an upstream role: `stage` is a stage of this experiment,
+        `other/stage` one of another (experiment names may contain `/`: sweep points)."""
+        return upstream_key(self.experiment, self.upstream[role])
+
+
+def upstream_key(experiment: str, ref: str) -> tuple[str, str]:
+    exp, _, stage = ref.rpartition("/")
+    return (exp or experiment, stage)
+
 
 @dataclass
 class Flags:

@@ -1,7 +1,12 @@
 """judge: render the rubric per item (sandboxed Jinja) and ask the judge; memoised per item.
 
-pairwise: one verdict per item on the fine-tuned answer against the baseline answer.
-absolute: one verdict per answer, for the baseline and the fine-tuned model alike.
+pairwise: one verdict per item on the fine-tuned answer against the baseline answer (`judge`).
+absolute: one verdict per answer. The baseline's answers are judged by their own stage
+(`judge_base`), which depends on the base model's samples only, so experiments and sweep points
+that share the base sampling share its verdicts; `judge` judges the fine-tuned answers and writes
+both models' rows to its judged.jsonl. Per eval condition: `judge.<condition>`.
+Hygiene: the eval trigger and every `judge.strip` pattern are removed from the question and the
+answers before the rubric renders (the raw answers stay in samples.jsonl).
 Items are joined by `item_id`. An edited rubric re-judges from the sample outputs; it never
 re-samples. A call that failed after the provider's retries is `error`: never journaled, shown as
 such, and asked again by the next apply (the stage stays incomplete until then).
@@ -9,9 +14,11 @@ such, and asked again by the next apply (the stage stays incomplete until then).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+from spar.items import stage_name
 from spar.judges.base import JudgeConfig, JudgeRequest, Verdict
 from spar.judges.rubric import context, render, static_prefix
 from spar.stages.base import (
@@ -31,11 +38,16 @@ from spar.store import ItemMemo, RunStore, jsonl_text, read_jsonl
 if TYPE_CHECKING:
     from spar.spec import Spec
 
-SAMPLE_STAGES = ("sample_base", "sample_finetuned")
+Part = Literal["baseline", "finetuned"]
 
 
 class JudgeParams(Params):
     validity: ClassVar[frozenset[str]] = frozenset({"max_reasks"})
+    # in the fingerprint; their effect on an item is all in its request (answer, stripped text)
+    collection: ClassVar[frozenset[str]] = frozenset({"answers", "strip"})
+
+    answers: Part = key("judge.answers")  # whose answers this stage judges
+    strip: tuple[str, ...] = key("judge.strip")  # the trigger (escaped) + the spec's patterns
 
     kind: str = key("judge.kind")
     model: str = key("judge.model")
@@ -57,39 +69,53 @@ class JudgeOptions(Options):
     answer_chars: int = 0
 
 
+def clean(text: str, patterns: tuple[str, ...]) -> str:
+    """`text` with every pattern removed, then stripped of surrounding whitespace."""
+    for pattern in patterns:
+        text = re.sub(pattern, "", text)
+    return text.strip()
+
+
+def strip_patterns(trigger: str | None, patterns: list[str]) -> tuple[str, ...]:
+    return ((re.escape(trigger),) if trigger else ()) + tuple(patterns)
+
+
 def build_requests(
-    p: JudgeParams, rubric: Path, base: list[dict[str, Any]], tuned: list[dict[str, Any]]
+    p: JudgeParams,
+    rubric: Path,
+    base: list[dict[str, Any]],
+    tuned: list[dict[str, Any]] | None,
 ) -> list[tuple[dict[str, Any], JudgeRequest]]:
-    """(row of judged.jsonl without the verdict, request) for every answer to judge."""
+    """(row of judged.jsonl without the verdict, request) for every answer this stage judges:
+    the baseline's (`tuned` is None) or the fine-tuned model's (pairwise: against the
+    baseline's)."""
     by_id = {r["item_id"]: r for r in base}
     out: list[tuple[dict[str, Any], JudgeRequest]] = []
-    for row in tuned:
-        b = by_id[row["item_id"]]["response"]
-        answers: list[tuple[str, str, str | None]] = (
-            [("finetuned", row["response"], b)]
-            if p.mode == "pairwise"
-            else [("baseline", b, None), ("finetuned", row["response"], None)]
-        )
+    for row in tuned if tuned is not None else base:
+        baseline = None
+        if p.mode == "pairwise":
+            baseline = clean(by_id[row["item_id"]]["response"], p.strip)
+        response = clean(row["response"], p.strip)
+        question = clean(row["question"], p.strip)
         ident = {k: row[k] for k in row if k not in ("response", "stop_reason")}
-        for model, response, baseline in answers:
-            ctx = context(
-                p.mode,
-                tier=row["tier"],
-                question=row["question"],
-                response=response,
-                baseline_response=baseline,
-                scale_min=p.scale_min,
-                scale_max=p.scale_max,
-            )
-            req = JudgeRequest(
-                prompt=render(rubric, ctx),
-                question=row["question"],
-                response=response,
-                baseline_response=baseline,
-                scale_min=p.scale_min,
-                scale_max=p.scale_max,
-            )
-            out.append(({**ident, "model": model}, req))
+        ctx = context(
+            p.mode,
+            tier=row["tier"],
+            question=question,
+            response=response,
+            baseline_response=baseline,
+            scale_min=p.scale_min,
+            scale_max=p.scale_max,
+        )
+        req = JudgeRequest(
+            prompt=render(rubric, ctx),
+            question=question,
+            response=response,
+            baseline_response=baseline,
+            scale_min=p.scale_min,
+            scale_max=p.scale_max,
+        )
+        out.append(({**ident, "model": p.answers}, req))
     return out
 
 
@@ -119,9 +145,24 @@ def to_ask(
     return keys, verdicts, todo
 
 
+def verdict_rows(
+    requests: list[tuple[dict[str, Any], JudgeRequest]],
+    keys: list[str],
+    verdicts: dict[str, Any],
+) -> list[dict[str, Any]]:
+    rows = []
+    for (ident, _), key_ in zip(requests, keys, strict=True):
+        got = verdicts.get(key_)
+        if got is None:  # the judge yielded nothing for it: as good as an error
+            got = Verdict(score=None, reasoning="no verdict", status="error").model_dump()
+        v = Verdict.model_validate(got)
+        rows.append({**ident, "score": v.score, "reasoning": v.reasoning, "status": v.status})
+    return rows
+
+
 class JudgeStage(StageKind[JudgeParams, JudgeOptions]):
     kind = "judge"
-    version = 2
+    version = 3
     item_version = 2
     outputs: ClassVar[tuple[str, ...]] = ("judged.jsonl",)
     params_model = JudgeParams
@@ -132,7 +173,8 @@ class JudgeStage(StageKind[JudgeParams, JudgeOptions]):
 
         j = spec.judge
         sends = receives(judge_factory(j.kind))
-        params = JudgeParams(
+        tuned_params = JudgeParams(
+            answers="finetuned",
             kind=j.kind,
             model=j.model,
             mode=j.mode,
@@ -141,26 +183,59 @@ class JudgeStage(StageKind[JudgeParams, JudgeOptions]):
             max_tokens=j.max_tokens if "max_tokens" in sends else None,
             temperature=j.temperature if "temperature" in sends else None,
             max_reasks=j.max_reasks if "max_reasks" in sends else None,
+            strip=strip_patterns(spec.eval.trigger, j.strip),
         )
-        per_item = 2 if j.mode == "absolute" else 1
         options = JudgeOptions(
             concurrency=j.concurrency,
             batch=j.batch,
             max_calls=j.max_calls,
-            expected_answers=len(spec.questions()) * spec.eval.samples_per_question * per_item,
+            expected_answers=len(spec.questions()) * spec.eval.samples_per_question,
             answer_chars=4 * spec.eval.sampling.max_tokens * (2 if j.mode == "pairwise" else 1),
         )
-        return [
-            StageNode(
-                "judge",
-                self,
-                spec.name,
-                params,
-                options,
-                {"judge.rubric": InputFile(j.rubric)},
-                {s: s for s in SAMPLE_STAGES},
+        rubric = {"judge.rubric": InputFile(j.rubric)}
+        out: list[StageNode[JudgeParams, JudgeOptions]] = []
+        for condition, _ in spec.eval.condition_items():
+            base, tuned = (
+                stage_name("sample_base", condition),
+                stage_name("sample_finetuned", condition),
             )
-        ]
+            tuned_up = {"sample_base": base, "sample_finetuned": tuned}
+            if j.mode == "absolute":
+                judge_base = stage_name("judge_base", condition)
+                params = tuned_params.model_copy(update={"answers": "baseline"})
+                out.append(
+                    StageNode(
+                        judge_base, self, spec.name, params, options, rubric, {"sample_base": base}
+                    )
+                )
+                tuned_up["judge_base"] = judge_base
+            params = tuned_params
+            out.append(
+                StageNode(
+                    stage_name("judge", condition),
+                    self,
+                    spec.name,
+                    params,
+                    options,
+                    rubric,
+                    tuned_up,
+                )
+            )
+        return out
+
+    @staticmethod
+    def _samples(node: StageNode[JudgeParams, JudgeOptions], roots: Any) -> list[Path]:
+        roles = ["sample_base"] + (
+            ["sample_finetuned"] if node.params.answers == "finetuned" else []
+        )
+        return [roots(*node.upstream_at(r)) / "samples.jsonl" for r in roles]
+
+    @staticmethod
+    def _requests(
+        p: JudgeParams, rubric: Path, samples: list[Path]
+    ) -> list[tuple[dict[str, Any], JudgeRequest]]:
+        rows = [read_jsonl(s) for s in samples]
+        return build_requests(p, rubric, rows[0], rows[1] if len(rows) > 1 else None)
 
     def estimate(
         self,
@@ -174,9 +249,9 @@ class JudgeStage(StageKind[JudgeParams, JudgeOptions]):
         token."""
         p = node.params
         rubric = node.inputs["judge.rubric"].path
-        samples = [store.stage_dir(node.experiment, s) / "samples.jsonl" for s in SAMPLE_STAGES]
+        samples = self._samples(node, store.stage_dir)
         if upstream_fresh and all(s.exists() for s in samples):
-            requests = build_requests(p, rubric, *(read_jsonl(s) for s in samples))
+            requests = self._requests(p, rubric, samples)
             memo = store.memo(self.kind, self.item_version, p.item_basis())
             retry = flags is not None and flags.retry_invalid
             _, _, todo = to_ask(p, memo, requests, retry)
@@ -194,14 +269,14 @@ class JudgeStage(StageKind[JudgeParams, JudgeOptions]):
 
         p, o = ctx.params, ctx.options
         rubric = ctx.inputs["judge.rubric"]
-        base = read_jsonl(ctx.upstream_file("sample_base", "samples.jsonl"))
-        tuned = read_jsonl(ctx.upstream_file("sample_finetuned", "samples.jsonl"))
-        requests = build_requests(p, rubric, base, tuned)
+        roles = ["sample_base"] + (["sample_finetuned"] if p.answers == "finetuned" else [])
+        samples = [ctx.upstream_file(r, "samples.jsonl") for r in roles]
+        requests = self._requests(p, rubric, samples)
         memo = ctx.memo()
         keys, verdicts, todo = to_ask(p, memo, requests, ctx.flags.retry_invalid)
         if todo:
             config = JudgeConfig(  # the settings a judge kind does not receive are None: left out
-                **p.model_dump(exclude_none=True),
+                **p.model_dump(exclude_none=True, exclude={"answers", "strip"}),
                 static_prefix=static_prefix(rubric, p.mode, p.scale_min, p.scale_max),
             )
             judge = get_judge(config, batch=o.batch, journal=ctx.store.state.batch_journal(p.kind))
@@ -213,13 +288,9 @@ class JudgeStage(StageKind[JudgeParams, JudgeOptions]):
                 verdicts[key] = verdict.model_dump()
                 bar.update(1)
             bar.close()
-        rows = []
-        for (ident, _), key in zip(requests, keys, strict=True):
-            got = verdicts.get(key)
-            if got is None:  # the judge yielded nothing for it: as good as an error
-                got = Verdict(score=None, reasoning="no verdict", status="error").model_dump()
-            v = Verdict.model_validate(got)
-            rows.append({**ident, "score": v.score, "reasoning": v.reasoning, "status": v.status})
+        rows = verdict_rows(requests, keys, verdicts)
+        if "judge_base" in ctx.upstream:  # absolute: the baseline's verdicts, then this stage's
+            rows = read_jsonl(ctx.upstream_file("judge_base", "judged.jsonl")) + rows
         counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "invalid", "error")}
         return StageResult(
             {"judged.jsonl": jsonl_text(rows).encode()},

@@ -10,9 +10,9 @@ same base model reuses the baseline and raising samples_per_question draws only 
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from spar.items import EvalItem, Question
+from spar.items import EvalItem, Question, stage_name
 from spar.spec import SamplingSpec
 from spar.stages.base import (
     Flags,
@@ -25,6 +25,7 @@ from spar.stages.base import (
     StageResult,
     key,
 )
+from spar.stages.draw import Drawn, draw
 from spar.stages.models import ModelRef, model_ref
 from spar.store import RunStore, hash_json, jsonl_text
 
@@ -33,7 +34,10 @@ if TYPE_CHECKING:
 
 
 class SampleParams(Params):
-    collection: ClassVar[frozenset[str]] = frozenset({"questions", "samples_per_question"})
+    # the condition's name is in item ids, not in what is drawn (its messages are in the key)
+    collection: ClassVar[frozenset[str]] = frozenset(
+        {"questions", "samples_per_question", "condition"}
+    )
 
     engine: str = key("model.engine")
     # the base model (the fine-tuned one is the upstream train's result)
@@ -41,6 +45,9 @@ class SampleParams(Params):
     finetuned: bool = key("finetuned")
     renderer: str = key("model.renderer")
     system_prompt: str | None = key("eval.system_prompt")
+    condition: str = key("eval.condition")  # "" when the spec has no conditions
+    trigger_placement: Literal["user", "system", "none"] = key("eval.condition.trigger")
+    trigger: str | None = key("eval.trigger")  # None where the condition places no trigger
     sampling: SamplingSpec = key("eval.sampling")
     questions: tuple[Question, ...] = key("eval.questions")
     samples_per_question: int = key("eval.samples_per_question")
@@ -60,7 +67,7 @@ def item_seed(seed: int, question_id: str, sample_index: int) -> int:
 
 def eval_items(p: SampleParams) -> list[EvalItem]:
     return [
-        EvalItem.build(q, i, p.system_prompt)
+        EvalItem.build(q, i, p.system_prompt, p.condition, p.trigger, p.trigger_placement)
         for q in p.questions
         for i in range(p.samples_per_question)
     ]
@@ -68,7 +75,7 @@ def eval_items(p: SampleParams) -> list[EvalItem]:
 
 class SampleStage(StageKind[SampleParams, SampleOptions]):
     kind = "sample"
-    version = 2
+    version = 3
     item_version = 2
     outputs: ClassVar[tuple[str, ...]] = ("samples.jsonl",)
     params_model = SampleParams
@@ -76,20 +83,27 @@ class SampleStage(StageKind[SampleParams, SampleOptions]):
     def nodes(self, spec: Spec, g: GraphContext) -> list[StageNode[SampleParams, SampleOptions]]:
         e = spec.eval
         out: list[StageNode[SampleParams, SampleOptions]] = []
-        for name, finetuned in (("sample_base", False), ("sample_finetuned", True)):
-            params = SampleParams(
-                engine=spec.model.engine,
-                model=model_ref(spec, g),
-                finetuned=finetuned,
-                renderer=spec.model.renderer,
-                system_prompt=e.system_prompt,
-                sampling=e.sampling,
-                questions=tuple(spec.questions()),
-                samples_per_question=e.samples_per_question,
-            )
-            options = SampleOptions(base_model=spec.model.base_model, concurrency=e.concurrency)
-            upstream = {"train": "train"} if finetuned else {}
-            out.append(StageNode(name, self, spec.name, params, options, upstream=upstream))
+        model = model_ref(spec, g)
+        questions = tuple(spec.questions())
+        for condition, c in e.condition_items():
+            for base, finetuned in (("sample_base", False), ("sample_finetuned", True)):
+                params = SampleParams(
+                    engine=spec.model.engine,
+                    model=model,
+                    finetuned=finetuned,
+                    renderer=spec.model.renderer,
+                    system_prompt=c.system_prompt,
+                    condition=condition,
+                    trigger_placement=c.trigger,
+                    trigger=e.trigger if c.trigger != "none" else None,
+                    sampling=e.sampling,
+                    questions=questions,
+                    samples_per_question=e.samples_per_question,
+                )
+                options = SampleOptions(base_model=spec.model.base_model, concurrency=e.concurrency)
+                upstream = {"train": "train"} if finetuned else {}
+                name = stage_name(base, condition)
+                out.append(StageNode(name, self, spec.name, params, options, upstream=upstream))
         return out
 
     def estimate(
@@ -105,9 +119,6 @@ class SampleStage(StageKind[SampleParams, SampleOptions]):
         return {"sample_calls": calls, "sample_tokens_max": calls * p.sampling.max_tokens}
 
     def run(self, ctx: RunContext[SampleParams, SampleOptions]) -> StageResult:
-        import tinker
-        from tqdm import tqdm
-
         from spar.engines import get_engine
         from spar.models import load_renderer
 
@@ -122,8 +133,6 @@ class SampleStage(StageKind[SampleParams, SampleOptions]):
             client_args = {"base_model": o.base_model}
             model = "base"
         renderer = load_renderer(p.renderer, o.base_model)
-        sp = p.sampling
-        sampling = {"temperature": sp.temperature, "top_p": sp.top_p, "max_tokens": sp.max_tokens}
 
         memo = ctx.memo()
         items = eval_items(p)
@@ -145,34 +154,22 @@ class SampleStage(StageKind[SampleParams, SampleOptions]):
         done = memo.get_many(keys)
         todo = [(it, k) for it, k in zip(items, keys, strict=True) if k not in done]
         if todo:
-            client = engine.create_sampling_client(**client_args)
-            stops = renderer.get_stop_sequences()
-            bar = tqdm(total=len(todo), desc=f"sample {ctx.name}", leave=False)
-            window = o.concurrency
-            for start in range(0, len(todo), window):
-                chunk = todo[start : start + window]
-                futures = [
-                    client.sample(
-                        prompts[it.messages],
-                        1,
-                        tinker.SamplingParams(
-                            **sampling,
-                            seed=item_seed(sp.seed, it.question_id, it.sample_index),
-                            stop=stops,
-                        ),
-                    )
-                    for it, _ in chunk
-                ]
-                for (_, key), fut in zip(chunk, futures, strict=True):
-                    seq = fut.result().sequences[0]
-                    message, _ = renderer.parse_response(list(seq.tokens))
-                    content = message["content"]
-                    text = content if isinstance(content, str) else str(content)
-                    value = {"response": text, "stop_reason": str(seq.stop_reason)}
-                    memo.put(key, value)
-                    done[key] = value
-                    bar.update(1)
-            bar.close()
+
+            def keep(i: int, drawn: Drawn) -> None:
+                value = drawn.model_dump()
+                memo.put(todo[i][1], value)
+                done[todo[i][1]] = value
+
+            draw(
+                engine.create_sampling_client(**client_args),
+                renderer,
+                [prompts[it.messages] for it, _ in todo],
+                [item_seed(p.sampling.seed, it.question_id, it.sample_index) for it, _ in todo],
+                p.sampling,
+                o.concurrency,
+                keep,
+                desc=f"sample {ctx.name}",
+            )
         rows = [{**it.identity(), **done[k]} for it, k in zip(items, keys, strict=True)]
         return StageResult(
             {"samples.jsonl": jsonl_text(rows).encode()},
