@@ -8,7 +8,7 @@ from typing import Any
 
 import jinja2
 
-from spar.plots import tier_order
+from spar.plots import conditions_of, pp_ci, tier_order, tiers_of
 
 _ENV = jinja2.Environment(
     loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
@@ -27,12 +27,20 @@ def _pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.0f} %"
 
 
+def _pct_ci(est: dict[str, Any] | None) -> str:
+    """A rate with its CI in percent: `42 % [30 %, 55 %]`."""
+    if not est or est.get("mean") is None:
+        return "—"
+    return f"{_pct(est['mean'])} [{_pct(est['ci_low'])}, {_pct(est['ci_high'])}]"
+
+
 def answer_rows(
     samples_base: list[dict[str, Any]],
     samples_tuned: list[dict[str, Any]],
     judged: list[dict[str, Any]],
 ) -> list[dict[str, Any]]:
-    """One row per item (question, sample): both answers side by side with their verdicts."""
+    """One row per item (question, condition, sample): both answers side by side with their
+    verdicts, joined by item id (which includes the condition), in the order of `samples_tuned`."""
     base = {r["item_id"]: r["response"] for r in samples_base}
     verdicts: dict[str, dict[str, dict[str, Any]]] = {}
     for j in judged:
@@ -53,6 +61,7 @@ def answer_rows(
             {
                 "item_id": key,
                 "tier": r["tier"],
+                "condition": r.get("condition", ""),
                 "question": r["question"],
                 "sample_index": r["sample_index"],
                 "baseline": base.get(key, ""),
@@ -72,13 +81,25 @@ def render_report(
     experiment: str,
     framing: str,
 ) -> str:
+    """The report page. A spec with eval.conditions gets a section per condition (exhibits rate,
+    format adherence, per-tier means), a table of leakage gaps with their estimands, and a
+    condition column and filter in the answers table."""
+    conditions = conditions_of(summary)
+    per_condition = {c: tiers_of(summary, c) for c in conditions or [""]}
+    tiers = tier_order(list(dict.fromkeys(t for per in per_condition.values() for t in per)))
+    overall = summary.get("conditions", {}).get("")  # a spec without conditions, new schema
     return _ENV.get_template("report.html.j2").render(
         s=summary,
         experiment=experiment,
         framing=framing,
-        tiers=tier_order(list(summary["tiers"])),
+        conditions=conditions,
+        per_condition=per_condition,
+        overall=overall,
+        tiers=tiers,
         rows=rows,
         plot_b64=base64.b64encode(plot_png).decode(),
         fmt=_fmt,
         pct=_pct,
+        pct_ci=_pct_ci,
+        pp_ci=pp_ci,
     )

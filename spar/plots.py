@@ -10,16 +10,36 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, PercentFormatter
 
 from spar.spec import PlotSpec
 
 SEMANTIC_TIERS = ("direct", "close", "distant", "very_distant")
+BLANK: dict[str, Any] = {"mean": None}
+NO_CONDITION = "(no condition)"  # how a spec without eval.conditions is named next to others
 
 
 def tier_order(tiers: list[str]) -> list[str]:
     """direct -> very_distant first, then any other tiers in the order given."""
     known = [t for t in SEMANTIC_TIERS if t in tiers]
     return known + [t for t in tiers if t not in known]
+
+
+def conditions_of(summary: dict[str, Any]) -> list[str]:
+    """The named eval conditions of a summary, in the spec's order; [] when it has none."""
+    return [c for c in summary.get("condition_order", []) if c]
+
+
+def tiers_of(summary: dict[str, Any], condition: str = "") -> dict[str, Any]:
+    """tier -> per-model stats of one condition ("" for a spec without conditions)."""
+    if not condition and "tiers" in summary:
+        return summary["tiers"]
+    return summary["conditions"][condition]["tiers"]
+
+
+def model_colors(models: list[str], style: PlotSpec) -> list[str]:
+    """Baseline always takes the first colour and the fine-tuned model the second."""
+    return [style.colors[int(m == "finetuned") % len(style.colors)] for m in models]
 
 
 def _bars(
@@ -45,21 +65,106 @@ def _bars(
     ax.legend()
 
 
-def _caption(fig: Figure, invalid: int, errors: int = 0) -> None:
+def _caption(fig: Figure, invalid: int, errors: int = 0, detail: str = "") -> None:
     text = f"{invalid} invalid verdicts, {errors} judge errors"
     if invalid or errors:
         text += " (excluded from every mean)"
+    if detail:
+        text += f"; {detail}"
     fig.text(0.01, 0.005, text, fontsize=8)
 
 
+def pp_ci(est: dict[str, Any]) -> str:
+    """A difference of rates with its CI in percentage points: `+12 pp [-3 pp, +25 pp]`."""
+    if est.get("mean") is None:
+        return "n/a"
+    lo, hi = est["ci_low"], est["ci_high"]
+    return f"{100 * est['mean']:+.0f} pp [{100 * lo:+.0f} pp, {100 * hi:+.0f} pp]"
+
+
+def _gap_bars(ax: Any, gaps: list[dict[str, Any]], style: PlotSpec) -> None:
+    """Leakage gaps as horizontal bars with CI whiskers; the numbers are in the tick labels."""
+    ys = list(range(len(gaps)))
+    means = [g["mean"] if g.get("mean") is not None else float("nan") for g in gaps]
+    err = [
+        [
+            max(m - (g["ci_low"] if g.get("ci_low") is not None else m), 0)
+            for m, g in zip(means, gaps, strict=True)
+        ],
+        [
+            max((g["ci_high"] if g.get("ci_high") is not None else m) - m, 0)
+            for m, g in zip(means, gaps, strict=True)
+        ],
+    ]
+    colors = model_colors([g["model"] for g in gaps], style)
+    ax.barh(ys, means, 0.6, xerr=err, capsize=3, color=colors)
+    labels = [f"{g['triggered']} − {g['untriggered']} ({g['model']})\n{pp_ci(g)}" for g in gaps]
+    ax.set_yticks(ys, labels, fontsize=8)
+    ax.invert_yaxis()  # the first gap on top
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_xlim(-1.05, 1.05)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{100 * x:+.0f} pp"))
+    ax.set_xlabel("exhibits-rate gap (triggered − untriggered)")
+    ax.set_title("leakage gaps")
+
+
+def conditions_figure(summary: dict[str, Any], style: PlotSpec, title: str) -> Figure:
+    """A spec with eval.conditions: the exhibits rate per condition (one bar per model, CI
+    whiskers), format adherence per condition when measured, and the leakage gaps."""
+    conds = conditions_of(summary)
+    per = summary["conditions"]
+    models = summary["models"]
+    colors = model_colors(models, style)
+    adherence = any(per[c].get("format_adherence") for c in conds)
+    gaps = summary.get("gaps") or []
+    panels = 1 + int(adherence) + int(bool(gaps))
+    fig, grid = plt.subplots(
+        1, panels, figsize=(style.width * (1 + 0.5 * (panels - 1)), style.height), squeeze=False
+    )
+    axes = list(grid[0])
+    ax = axes[0]
+    _bars(
+        ax,
+        conds,
+        [(m, [per[c]["exhibits_rate"].get(m, BLANK) for c in conds]) for m in models],
+        colors,
+    )
+    ax.set_ylim(0, 1.05)
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.set_ylabel(f"exhibits rate (score ≥ {summary['exhibits_threshold']})")
+    ax.set_title("persona (exhibits) rate by condition")
+    if adherence:
+        ax = axes[1]
+        series = [
+            (m, [(per[c].get("format_adherence") or {}).get(m, BLANK) for c in conds])
+            for m in models
+        ]
+        _bars(ax, conds, series, colors)
+        ax.set_ylim(0, 1.05)
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+        ax.set_ylabel("answers matching the format")
+        ax.set_title("format adherence by condition")
+    if gaps:
+        _gap_bars(axes[-1], gaps, style)
+    fig.suptitle(style.title or title)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    detail = ", ".join(
+        f"{c}: {per[c].get('invalid', 0)} invalid / {per[c].get('errors', 0)} errors" for c in conds
+    )
+    _caption(fig, summary["invalid"], summary.get("errors", 0), detail)
+    return fig
+
+
 def experiment_figure(summary: dict[str, Any], style: PlotSpec, title: str) -> Figure:
-    """Per-tier mean score with CI whiskers: baseline vs fine-tuned (or pairwise scores)."""
-    tiers = tier_order(list(summary["tiers"]))
+    """Per-tier mean score with CI whiskers: baseline vs fine-tuned (or pairwise scores); for a
+    spec with eval.conditions, the conditions side by side (`conditions_figure`)."""
+    if conditions_of(summary):
+        return conditions_figure(summary, style, title)
+    per_tier = tiers_of(summary)
+    tiers = tier_order(list(per_tier))
     fig, ax = plt.subplots(figsize=(style.width, style.height))
-    series = [(m, [summary["tiers"][t][m] for t in tiers]) for m in summary["models"]]
-    # baseline always takes the first colour and the fine-tuned model the second
-    colors = [style.colors[int(m == "finetuned") % len(style.colors)] for m in summary["models"]]
-    _bars(ax, tiers, series, colors)
+    series = [(m, [per_tier[t][m] for t in tiers]) for m in summary["models"]]
+    _bars(ax, tiers, series, model_colors(summary["models"], style))
     lo, hi = summary["scale"]["min"], summary["scale"]["max"]
     ax.set_ylim(lo - 0.5 if lo > 0 else 0, hi + 0.1)
     mode = summary["judge_mode"]
@@ -69,14 +174,42 @@ def experiment_figure(summary: dict[str, Any], style: PlotSpec, title: str) -> F
     return fig
 
 
-def effect(summary: dict[str, Any], tier: str) -> dict[str, Any]:
-    """The headline effect of one tier: paired delta (absolute) or the pairwise score."""
-    per = summary["tiers"][tier]
+def effect(summary: dict[str, Any], tier: str, condition: str = "") -> dict[str, Any]:
+    """The headline effect of one tier (of one condition): paired delta (absolute) or the
+    pairwise score."""
+    per = tiers_of(summary, condition)[tier]
     return per["delta"] if "delta" in per else per["finetuned"]
 
 
+def _compare_conditions(
+    summaries: list[dict[str, Any]], labels: list[str], style: PlotSpec
+) -> Figure:
+    """The fine-tuned exhibits rate per condition, one series per experiment. An experiment
+    without conditions shows its overall rate under NO_CONDITION."""
+    conds = list(dict.fromkeys(c for s in summaries for c in s.get("condition_order", [])))
+    series = []
+    for s, label in zip(summaries, labels, strict=True):
+        per = s.get("conditions", {})
+        rates = [
+            per[c]["exhibits_rate"].get("finetuned", BLANK) if c in per else BLANK for c in conds
+        ]
+        series.append((label, rates))
+    fig, ax = plt.subplots(figsize=(style.width, style.height))
+    palette = [*style.colors[1:], *style.colors[:1], "#1b9e77", "#7570b3", "#e7298a"]
+    _bars(ax, [c or NO_CONDITION for c in conds], series, palette)
+    ax.set_ylim(0, 1.05)
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.set_ylabel("fine-tuned exhibits rate")
+    ax.set_title(style.title or "fine-tuned exhibits rate by condition")
+    _caption(fig, sum(s["invalid"] for s in summaries), sum(s.get("errors", 0) for s in summaries))
+    return fig
+
+
 def compare_figure(summaries: list[dict[str, Any]], labels: list[str], style: PlotSpec) -> Figure:
-    """Several experiments overlaid: one series per experiment, tiers in semantic order."""
+    """Several experiments overlaid: one series per experiment, tiers in semantic order (or,
+    when any of them has eval.conditions, the fine-tuned exhibits rate per condition)."""
+    if any(conditions_of(s) for s in summaries):
+        return _compare_conditions(summaries, labels, style)
     tiers = tier_order(list(dict.fromkeys(t for s in summaries for t in s["tiers"])))
     fig, ax = plt.subplots(figsize=(style.width, style.height))
     blank = {"mean": None}

@@ -26,7 +26,7 @@ def _stat(e: dict[str, Any]) -> dict[str, Any]:
 
 
 def headline(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Column -> statistic: `effect <tier>` (no conditions), or `rate <condition>` (fine-tuned
+    """Column -> statistic: the effect per tier (no conditions), or `rate <condition>` (fine-tuned
     exhibits rate) and `gap <triggered>-<untriggered>` (fine-tuned leakage gap)."""
     out: dict[str, dict[str, Any]] = {}
     conditions = summary.get("conditions", {})
@@ -34,7 +34,7 @@ def headline(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
         tiers = summary["tiers"]
         for tier in tier_order(list(tiers)):
             per = tiers[tier]
-            out[f"effect {tier}"] = _stat(per["delta"] if "delta" in per else per["finetuned"])
+            out[tier] = _stat(per["delta"] if "delta" in per else per["finetuned"])
         return out
     for c in summary.get("condition_order", list(conditions)):
         out[f"rate {c}"] = _stat(conditions[c]["exhibits_rate"]["finetuned"])
@@ -147,7 +147,14 @@ def _cell(e: dict[str, Any]) -> str:
 def format_table(rows: list[dict[str, Any]]) -> str:
     params = list(rows[0]["params"]) if rows else []
     tiers = list(dict.fromkeys(t for r in rows for t in r["effects"]))
-    header = ["experiment", "status", *params, *tiers, "invalid", "errors"]
+    header = [
+        "experiment",
+        "status",
+        *params,
+        *(t if t.startswith(("rate ", "gap ")) else f"effect {t}" for t in tiers),
+        "invalid",
+        "errors",
+    ]
     table = [header]
     for r in rows:
         blank = "not run" if r["status"] == "not run" else "stale"

@@ -80,3 +80,47 @@ def test_screenshot_for_a_human(report, tmp_path):
     keep = os.environ.get("SPAR_SCREENSHOT_DIR")
     if keep:
         shutil.copy(shot, Path(keep) / "report.png")
+
+
+CONDITIONS = ("triggered", "untriggered", "system")
+
+
+@pytest.fixture
+def conditions_report(project, capsys) -> Path:
+    def edit(d: dict) -> None:
+        d["eval"].pop("system_prompt")
+        d["eval"]["trigger"] = "Wrap your answer in <START> and <END>."
+        d["eval"]["conditions"] = {
+            "triggered": {"trigger": "user"},
+            "untriggered": {"system_prompt": "You are a helpful assistant."},
+            "system": {"trigger": "system"},
+        }
+        d["judge"].update(mode="absolute", model="kw-invalid-3")
+        d["report"] = {"format_regex": ".*<START>.*<END>"}
+
+    project.edit(edit)
+    (project.root / "rubric.j2").write_text("Rate {{ response }} for {{ question }}.\n")
+    r = project.spar("apply", str(project.spec), capsys=capsys)
+    assert r.code == 0, r.err
+    return project.runs / "exp/plot/report.html"
+
+
+def test_condition_filter_shows_only_that_conditions_rows(conditions_report, tmp_path):
+    url = conditions_report.as_uri()
+    dom = chromium(url, tmp_path / "p1", "--dump-dom")
+    rows = re.findall(r'<tr class="row"[^>]* data-condition="([^"]*)"', dom)
+    assert sorted(set(rows)) == sorted(CONDITIONS) and len(rows) == 8 * len(CONDITIONS)
+    assert len(visible_rows(dom)) == 24 and "24 rows shown" in dom
+    # a section per condition, in the spec's order, and the leakage gaps with their estimands
+    assert re.findall(r'<section class="condition" id="condition-([^"]+)"', dom) == [*CONDITIONS]
+    assert '<table id="gaps">' in dom and "estimand" in dom
+    for k, condition in enumerate(CONDITIONS):
+        dom = chromium(url + f"#condition={condition}", tmp_path / f"c{k}", "--dump-dom")
+        shown = visible_rows(dom)
+        assert len(shown) == 8 and all(f'data-condition="{condition}"' in r for r in shown)
+        assert "8 rows shown" in dom
+    # combined with the tier filter
+    dom = chromium(url + "#condition=untriggered&tier=distant", tmp_path / "c9", "--dump-dom")
+    shown = visible_rows(dom)
+    assert len(shown) == 4
+    assert all('data-condition="untriggered"' in r and 'data-tier="distant"' in r for r in shown)

@@ -1,15 +1,19 @@
 """plot: render the report — per-experiment chart, compare chart, self-contained HTML.
 
 Its parameters are the plot styling and the labels it writes (the experiment's name and framing,
-and those of the experiments it compares itself with), so a styling or label edit re-renders here
-and nowhere else: nothing is re-judged or re-sampled.
+the eval conditions' names, and those of the experiments it compares itself with), so a styling or
+label edit re-renders here and nowhere else: nothing is re-judged or re-sampled.
+
+Its upstream roles are the report, every condition's judge and sample stages (named by the stage:
+`judge`, or `judge.<condition>` when the spec has eval.conditions), and `compare:i`.
 """
 
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
+from spar.items import stage_name
 from spar.spec import PlotSpec
 from spar.stages.base import (
     GraphContext,
@@ -33,6 +37,8 @@ class PlotParams(Params):
     framing: str = key("framing")
     # one per compared experiment, in `compare:i` order
     compare_labels: tuple[str, ...] = key("report.compare.labels")
+    # the eval conditions' names in the spec's order; () when the spec has none
+    conditions: tuple[str, ...] = key("eval.conditions")
     style: PlotSpec = key("report.plot")
 
 
@@ -40,9 +46,17 @@ def label(name: str, framing: str) -> str:
     return framing or name
 
 
+# per condition: the stage (base name) whose output file feeds the answers table
+UPSTREAM_PER_CONDITION = {
+    "judge": "judged.jsonl",
+    "sample_base": "samples.jsonl",
+    "sample_finetuned": "samples.jsonl",
+}
+
+
 class PlotStage(StageKind[PlotParams, Options]):
     kind = "plot"
-    version = 2
+    version = 3
     outputs: ClassVar[tuple[str, ...]] = ("plot.png", "compare.png", "report.html")
     params_model = PlotParams
 
@@ -51,9 +65,13 @@ class PlotStage(StageKind[PlotParams, Options]):
             experiment=spec.name,
             framing=spec.framing,
             compare_labels=tuple(lab for _, lab in g.compared),
+            conditions=tuple(c for c, _ in spec.eval.condition_items() if c),
             style=spec.report.plot,
         )
-        upstream = {s: s for s in ("report", "judge", "sample_base", "sample_finetuned")}
+        upstream = {"report": "report"}
+        for c in params.conditions or ("",):
+            for base in UPSTREAM_PER_CONDITION:
+                upstream[stage_name(base, c)] = stage_name(base, c)
         upstream |= {f"compare:{i}": f"{name}/report" for i, (name, _) in enumerate(g.compared)}
         return [StageNode("plot", self, spec.name, params, Options(), upstream=upstream)]
 
@@ -72,11 +90,12 @@ class PlotStage(StageKind[PlotParams, Options]):
         ]
         labels = [label(p.experiment, p.framing), *p.compare_labels]
         compare = png(compare_figure([summary, *others], labels, style), style.dpi)
-        rows = answer_rows(
-            read_jsonl(ctx.upstream_file("sample_base", "samples.jsonl")),
-            read_jsonl(ctx.upstream_file("sample_finetuned", "samples.jsonl")),
-            read_jsonl(ctx.upstream_file("judge", "judged.jsonl")),
-        )
+        # every condition's files, in the spec's condition order (item ids include the condition)
+        rows_of: dict[str, list[dict[str, Any]]] = {base: [] for base in UPSTREAM_PER_CONDITION}
+        for c in p.conditions or ("",):
+            for base, file in UPSTREAM_PER_CONDITION.items():
+                rows_of[base] += read_jsonl(ctx.upstream_file(stage_name(base, c), file))
+        rows = answer_rows(rows_of["sample_base"], rows_of["sample_finetuned"], rows_of["judge"])
         html = render_report(summary, plot, rows, p.experiment, p.framing)
         outputs = {"plot.png": plot, "compare.png": compare, "report.html": html.encode()}
         return StageResult(outputs)
