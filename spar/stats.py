@@ -37,8 +37,18 @@ def _clean(groups: Groups) -> list[list[np.ndarray]]:
     return out
 
 
+# cells (replicates x drawn questions x samples) computed at once: bounds the memory of a replicate
+# batch (~8 bytes a cell, a few arrays) whatever the number of resamples
+_CHUNK_CELLS = 4_000_000
+
+
 def bootstrap_means(groups: Groups, resamples: int, rng: np.random.Generator) -> np.ndarray:
-    """`resamples` replicate means of the hierarchical bootstrap (seeds, questions, samples)."""
+    """`resamples` replicate means of the hierarchical bootstrap (seeds, questions, samples).
+
+    A replicate draws as many seeds as there are, with replacement; for each drawn seed as many
+    of its questions as it has, with replacement; for each drawn question as many of its samples
+    as it has, with replacement — and takes the mean of every drawn value (the estimator of the
+    point estimate, the mean of all values). With one seed the seed level is a no-op."""
     seeds = _clean(groups)
     questions = [q for s in seeds for q in s]
     sizes = np.array([len(q) for q in questions])
@@ -48,27 +58,40 @@ def bootstrap_means(groups: Groups, resamples: int, rng: np.random.Generator) ->
         padded[i, : len(q)] = q
     counts = np.array([len(s) for s in seeds])
     first = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    # level 1: seeds; level 2: questions within each chosen seed -> (resamples, k) question rows
-    if len(seeds) == 1:
+    drawn_q = int(counts[0]) if len(seeds) == 1 else len(seeds) * int(counts.max())
+    chunk = max(1, _CHUNK_CELLS // (drawn_q * width))
+    out = [
+        _replicates(padded, sizes, counts, first, min(chunk, resamples - start), rng)
+        for start in range(0, resamples, chunk)
+    ]
+    return np.concatenate(out)
+
+
+def _replicates(
+    padded: np.ndarray,
+    sizes: np.ndarray,
+    counts: np.ndarray,
+    first: np.ndarray,
+    resamples: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    n_seeds = len(counts)
+    # levels 1 and 2: seeds, then questions within each drawn seed -> (resamples, k) question
+    # rows of `padded`, -1 where a drawn seed has fewer questions than the widest
+    if n_seeds == 1:
         q_idx = rng.integers(0, counts[0], (resamples, counts[0]))
     else:
-        chosen = rng.integers(0, len(seeds), (resamples, len(seeds)))
-        per_seed = [
-            first[chosen[b]][:, None]
-            + rng.integers(0, counts[chosen[b]][:, None], (len(seeds), counts.max()))
-            for b in range(resamples)
-        ]
-        valid = [
-            np.arange(counts.max())[None, :] < counts[chosen[b]][:, None] for b in range(resamples)
-        ]
-        rows = [p[v] for p, v in zip(per_seed, valid, strict=True)]
-        width_q = max(len(r) for r in rows)
-        q_idx = np.full((resamples, width_q), -1)
-        for b, r in enumerate(rows):
-            q_idx[b, : len(r)] = r
+        chosen = rng.integers(0, n_seeds, (resamples, n_seeds))
+        n_q = counts[chosen]  # questions of each drawn seed
+        width_q = int(counts.max())
+        within = rng.integers(0, n_q[..., None], (resamples, n_seeds, width_q))
+        rows = first[chosen][..., None] + within
+        valid = np.arange(width_q) < n_q[..., None]
+        q_idx = np.where(valid, rows, -1).reshape(resamples, n_seeds * width_q)
     present = q_idx >= 0
     q_safe = np.where(present, q_idx, 0)
-    # level 3: samples within each chosen question
+    # level 3: samples within each drawn question
+    width = padded.shape[1]
     n = sizes[q_safe]
     draws = (rng.random((*q_safe.shape, width)) * n[..., None]).astype(int)
     vals = np.take_along_axis(padded[q_safe], draws, axis=-1)

@@ -67,3 +67,68 @@ def test_ci_covers_the_true_mean_95_percent_of_the_time():
         est = estimate(groups, resamples=1000, seed=t)
         hits += est.low <= 3 <= est.high
     assert 0.93 <= hits / trials <= 0.97, hits / trials
+
+
+def _reference_means(groups, resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """The hierarchical bootstrap written out plainly: seeds, then questions, then samples."""
+    out = []
+    for _ in range(resamples):
+        values: list[float] = []
+        for s in rng.integers(0, len(groups), len(groups)):
+            seed = groups[s]
+            for q in rng.integers(0, len(seed), len(seed)):
+                question = seed[q]
+                values += [question[i] for i in rng.integers(0, len(question), len(question))]
+        out.append(np.mean(values))
+    return np.array(out)
+
+
+def test_seed_level_with_unequal_seeds_matches_hand_computation():
+    # seed A: two questions scoring 0; seed B: one question scoring 1. A replicate draws two
+    # seeds: AA -> 0, BB -> 1, AB or BA -> (0 + 0 + 1) / 3, with p = 1/4, 1/4, 1/2; the point
+    # estimate is the mean of all values, 1/3, which is also the replicates' expectation
+    groups = [[[0.0], [0.0]], [[1.0]]]
+    reps = bootstrap_means(groups, 40_000, np.random.default_rng(3))
+    values, counts = np.unique(np.round(reps, 9), return_counts=True)
+    assert list(values) == pytest.approx([0.0, 1 / 3, 1.0])
+    assert counts / counts.sum() == pytest.approx([0.25, 0.5, 0.25], abs=0.01)
+    assert estimate(groups).mean == pytest.approx(1 / 3)
+
+
+def test_seed_level_matches_a_plain_reference_implementation():
+    groups = [
+        [[1.0, 2.0, 5.0], [3.0], [4.0, 4.0]],
+        [[2.0, 2.0], [5.0, 1.0, 1.0, 3.0]],
+        [[3.0], [1.0], [2.0], [5.0, 4.0]],
+    ]
+    fast = bootstrap_means(groups, 8000, np.random.default_rng(4))
+    slow = _reference_means(groups, 8000, np.random.default_rng(5))
+    assert fast.mean() == pytest.approx(slow.mean(), abs=0.01)
+    assert fast.std() == pytest.approx(slow.std(), rel=0.04)
+    assert np.quantile(fast, [0.025, 0.975]) == pytest.approx(
+        np.quantile(slow, [0.025, 0.975]), abs=0.1
+    )
+
+
+def test_seed_level_widens_the_interval_when_seeds_disagree():
+    # within each seed every question and sample agrees; the seeds differ. Pooled into one seed,
+    # the 20 questions look like plenty of evidence; with seeds as the unit of replication only
+    # two replications exist and the interval spans both
+    seeded = [[[0.0, 0.0]] * 10, [[1.0, 1.0]] * 10]
+    pooled = [[q for s in seeded for q in s]]
+    ws, wp = estimate(seeded), estimate(pooled)
+    assert ws.mean == wp.mean == 0.5
+    assert (ws.low, ws.high) == (0.0, 1.0)
+    assert wp.high - wp.low < 0.6
+    assert ws.high - ws.low > wp.high - wp.low
+
+
+def test_large_inputs_are_bootstrapped_in_chunks(monkeypatch):
+    import spar.stats
+
+    monkeypatch.setattr(spar.stats, "_CHUNK_CELLS", 10)  # one replicate per chunk
+    reps = bootstrap_means([[[0.0], [0.0]], [[1.0]]], 4000, np.random.default_rng(6))
+    assert reps.shape == (4000,)
+    assert np.mean(np.isclose(reps, 1 / 3)) == pytest.approx(0.5, abs=0.04)
+    one = bootstrap_means([[[0.0, 1.0]]], 4000, np.random.default_rng(6))
+    assert one.shape == (4000,) and set(np.unique(one)) == {0.0, 0.5, 1.0}

@@ -9,11 +9,13 @@ from typing import Any
 from spar.stages.base import StageKind
 
 _BUILTIN = (
+    "spar.stages.distill:DistillStage",
     "spar.stages.dataset:DatasetStage",
     "spar.stages.train:TrainStage",
     "spar.stages.sample:SampleStage",
     "spar.stages.judge:JudgeStage",
     "spar.stages.report:ReportStage",
+    "spar.stages.sweep_report:SweepReportStage",
     "spar.stages.plot:PlotStage",
 )
 _kinds: list[StageKind[Any, Any]] = []
