@@ -1,14 +1,25 @@
 """train: THE training loop of spar, written once against the Tinker client interface.
 
-Batches of the dataset stage's datums, Adam with a linear (or constant) LR schedule over all steps,
-periodic `save_state` recorded in `checkpoints.jsonl`, and a final `save_weights_for_sampler`.
+Batches of the dataset stage's datums, Adam with a linear, cosine or constant LR schedule over all
+steps (after an optional linear warm-up, `training.warmup_ratio`; see `learning_rate`), periodic
+`save_state` recorded in `checkpoints.jsonl`, and a final `save_weights_for_sampler`.
 A re-run after a crash resumes from the last saved state (never replaying an applied batch).
 Output: `checkpoint.json` (sampler path, state path, base model, renderer) and `metrics.jsonl`.
+
+`metrics.jsonl` has one row per step: `step`, `learning_rate` (the rate that step's optimiser step
+used), `loss`, `target_tokens` and `batch_size` (datums in the batch). `loss` is the mean negative
+log-likelihood *per target token*: the batch's loss-weighted NLL divided by `target_tokens`, the
+summed loss weights of the batch (the number of tokens trained on, e.g. the assistant turns; the
+masked user turns weigh 0). It is comparable across batch sizes and document lengths: for a
+pretrained model on natural text expect roughly 1-5 nats per token; a loss in the hundreds means a
+sum over tokens, not a mean (the seed-004 "collapse" diagnostic). A non-finite loss (nan/inf: a
+diverged run) is logged as a warning and recorded as it is; training goes on.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,9 +64,7 @@ class CheckpointRecord(BaseModel):
     steps: int
 
 
-def _count_lines(path: Path) -> int:
-    with path.open("rb") as f:
-        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+Schedule = Literal["linear", "constant", "cosine"]
 
 
 class LoopConfig(BaseModel):
@@ -65,17 +74,42 @@ class LoopConfig(BaseModel):
 
     lora_rank: int = 32
     learning_rate: float = 1e-4
-    lr_schedule: Literal["linear", "constant"] = "linear"
+    lr_schedule: Schedule = "linear"
+    warmup_ratio: float = 0.0
     batch_size: int = 8
     epochs: int = 1
     seed: int = 0
     save_every: int = 0
 
 
+def warmup_steps(warmup_ratio: float, total_steps: int) -> int:
+    """`warmup_ratio * total_steps` rounded to the nearest whole step, a half rounding up
+    (0.25 * 10 = 2.5 -> 3), and never more than `total_steps`."""
+    return min(total_steps, math.floor(warmup_ratio * total_steps + 0.5))
+
+
 def learning_rate(cfg: LoopConfig, step: int, total_steps: int) -> float:
+    """The learning rate of global step `step` (0-based) of `total_steps`.
+
+    With W = `warmup_steps(cfg.warmup_ratio, total_steps)` (see there for the rounding) and
+    peak rate `lr`, every schedule first warms up linearly: step s < W uses lr * (s + 1) / W,
+    so the first step uses lr / W and step W - 1 the full lr. The remaining steps, at
+    progress p = (s - W) / (total_steps - W) (0 at the first of them), use
+    - constant: lr;
+    - linear: lr * (1 - p), decaying towards 0 (the last step uses lr / (total_steps - W));
+    - cosine: lr * 0.5 * (1 + cos(pi * p)), from lr towards 0.
+    Without warm-up (W = 0) linear is lr * (1 - s / total_steps), as it always was.
+    """
+    lr = cfg.learning_rate
+    warm = warmup_steps(cfg.warmup_ratio, total_steps)
+    if step < warm:
+        return lr * (step + 1) / warm
     if cfg.lr_schedule == "constant":
-        return cfg.learning_rate
-    return cfg.learning_rate * (1.0 - step / total_steps)
+        return lr
+    progress = (step - warm) / (total_steps - warm)
+    if cfg.lr_schedule == "cosine":
+        return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return lr * (1.0 - progress)
 
 
 def batches(rows: list[dict[str, Any]], cfg: LoopConfig) -> list[list[dict[str, Any]]]:
@@ -89,14 +123,20 @@ def batches(rows: list[dict[str, Any]], cfg: LoopConfig) -> list[list[dict[str, 
     return out
 
 
+def target_tokens(datums: list[Any]) -> float:
+    """The summed loss weights of a batch: how many target tokens it trains on."""
+    return float(sum(sum(d.loss_fn_inputs["weights"].tolist()) for d in datums))
+
+
 def mean_nll(output: Any, datums: list[Any]) -> float:
-    total, weight = 0.0, 0.0
+    """The batch's loss-weighted NLL divided by its summed weights: a loss per target token
+    (0.0 for a batch without target tokens)."""
+    total = 0.0
     for out, datum in zip(output.loss_fn_outputs, datums, strict=True):
         logprobs = out["logprobs"].tolist()
         weights = datum.loss_fn_inputs["weights"].tolist()
         total -= sum(lp * w for lp, w in zip(logprobs, weights, strict=True))
-        weight += sum(weights)
-    return total / max(weight, 1e-12)
+    return total / max(target_tokens(datums), 1e-12)
 
 
 CHECKPOINTS = "checkpoints.jsonl"  # tinker-cookbook's shape: name, batch, state_path, ...
@@ -227,7 +267,15 @@ def train_loop(
         opt = client.optim_step(tinker.AdamParams(learning_rate=lr))
         loss = mean_nll(fb.result(), datums)
         opt.result()
-        row = {"step": step, "learning_rate": lr, "loss": loss, "batch_size": len(batch)}
+        if not math.isfinite(loss):
+            log.warning("%s: step %d: loss is %s (training diverged?)", run_id, step, loss)
+        row = {
+            "step": step,
+            "learning_rate": lr,
+            "loss": loss,
+            "target_tokens": target_tokens(datums),
+            "batch_size": len(batch),
+        }
         metrics.append(row)
         journal.step(row)
         if on_step is not None:
@@ -246,18 +294,103 @@ class TrainParams(Params):
     model: ModelRef = key("model.base_model")
     lora_rank: int = key("training.lora_rank")
     learning_rate: float = key("training.learning_rate")
-    lr_schedule: Literal["linear", "constant"] = key("training.lr_schedule")
+    lr_schedule: Schedule = key("training.lr_schedule")
+    warmup_ratio: float = key("training.warmup_ratio")
     batch_size: int = key("training.batch_size")
     epochs: int = key("training.epochs")
     seed: int = key("training.seed")
+
+
+class SourceCount(BaseModel):
+    """One data source as the estimate counts it before the dataset stage has run."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: Path  # its records; for a distilled set, the prompts file (one answer per prompt)
+    take: int | None = None
+    fraction: float | None = None
+    answer_tokens: int = 0  # a distilled set: the most tokens an answer adds to a record
 
 
 class TrainOptions(Options):
     base_model: str  # a model name, or where a local model directory is
     renderer: str  # recorded in checkpoint.json for the sampling stage's convenience
     save_every: int
-    docs: Path | None = None  # for a token estimate before the dataset exists
+    # what the estimate counts before the dataset exists: data.docs or data.sources
+    docs: Path | None = None
+    sources: tuple[SourceCount, ...] = ()
+    total: int | None = None  # data.total (a fraction mix)
+    max_docs: int | None = None
+    test_size: int = 0
     max_length: int | None = None
+
+
+@dataclass(frozen=True)
+class InputCount:
+    records: int
+    tokens: int  # ~4 bytes a token, at most max_length a record
+
+
+def _records(store: RunStore, path: Path) -> int:
+    n = store.hashes.records(path)  # counted while the plan hashed it
+    if n is not None:
+        return n
+    with path.open("rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def _file_count(
+    store: RunStore, path: Path, max_length: int | None, answer_tokens: int = 0
+) -> InputCount | None:
+    if not path.is_file():
+        return None
+    n = _records(store, path)
+    tokens = path.stat().st_size // 4 + n * answer_tokens
+    if max_length is not None:
+        tokens = min(tokens, n * max_length)
+    return InputCount(n, tokens)
+
+
+def _first(c: InputCount, records: int) -> InputCount:
+    """`records` of the counted ones (all if fewer), with their share of the tokens."""
+    k = min(records, c.records)
+    return InputCount(k, c.tokens * k // c.records if c.records else 0)
+
+
+def count_inputs(o: TrainOptions, store: RunStore) -> InputCount | None:
+    """Records and ~tokens the training mix will be made of, from its input files (None when
+    one is missing). An estimate, meant as an upper bound: ~4 bytes a token of whole JSONL
+    lines (keys and markup included), each record at most `max_length` tokens; a source with
+    `take` contributes take records, a fraction mix `fraction * data.total` records of each
+    source (without data.total: the largest mix every source can fill), a distilled set one
+    record per prompt with an answer of at most its `max_tokens`; `max_docs` caps the total."""
+    if o.docs is not None:
+        count = _file_count(store, o.docs, o.max_length)
+    elif o.sources:
+        counts: list[InputCount] = []
+        for src in o.sources:
+            c = _file_count(store, src.path, o.max_length, src.answer_tokens)
+            if c is None:
+                return None
+            counts.append(c)
+        fractions = [s.fraction for s in o.sources]
+        if all(f is not None for f in fractions):
+            fs = [f for f in fractions if f is not None]
+            size = o.total
+            if size is None:
+                size = min(math.floor(c.records / f) for c, f in zip(counts, fs, strict=True))
+            counts = [_first(c, round(f * size)) for c, f in zip(counts, fs, strict=True)]
+        else:
+            counts = [
+                c if s.take is None else _first(c, s.take)
+                for c, s in zip(counts, o.sources, strict=True)
+            ]
+        count = InputCount(sum(c.records for c in counts), sum(c.tokens for c in counts))
+    else:
+        return None
+    if count is not None and o.max_docs is not None:
+        count = _first(count, o.max_docs)
+    return count
 
 
 def run_id(fingerprint: str) -> str:
@@ -280,15 +413,35 @@ class TrainStage(StageKind[TrainParams, TrainOptions]):
             lora_rank=t.lora_rank,
             learning_rate=t.learning_rate,
             lr_schedule=t.lr_schedule,
+            warmup_ratio=t.warmup_ratio,
             batch_size=t.batch_size,
             epochs=t.epochs,
             seed=t.seed,
         )
+        d = spec.data
+        sources: list[SourceCount] = []
+        for src in d.sources or ():
+            if src.path is not None:
+                sources.append(SourceCount(path=src.path, take=src.take, fraction=src.fraction))
+            elif src.distill is not None:
+                ds = spec.distill[src.distill]
+                sources.append(
+                    SourceCount(
+                        path=ds.prompts,
+                        take=src.take,
+                        fraction=src.fraction,
+                        answer_tokens=ds.sampling.max_tokens,
+                    )
+                )
         options = TrainOptions(
             base_model=spec.model.base_model,
             renderer=spec.model.renderer,
             save_every=t.save_every,
-            docs=spec.data.docs,
+            docs=d.docs,
+            sources=tuple(sources),
+            total=d.total,
+            max_docs=d.max_docs,
+            test_size=d.test_size,
             max_length=t.max_length,
         )
         return [
@@ -302,20 +455,23 @@ class TrainStage(StageKind[TrainParams, TrainOptions]):
         upstream_fresh: bool,
         flags: Flags | None = None,
     ) -> dict[str, int]:
-        """Training tokens: exact from a fresh dataset output, else ~4 bytes a token of docs."""
+        """Training tokens and optimiser steps: exact from a fresh dataset output (its
+        train.jsonl), else counted from the input files (`count_inputs`: ~4 bytes a token, an
+        upper bound), less the `data.test_size` held-out records for the steps."""
+        p, o = node.params, node.options
         built = store.stage_dir(node.experiment, "dataset") / "train.jsonl"
-        docs, max_length = node.options.docs, node.options.max_length
         if upstream_fresh and built.exists():
-            per_epoch = sum(len(r["input"]) for r in read_jsonl(built))
-        elif docs is not None and docs.exists():
-            per_epoch = docs.stat().st_size // 4
-            if max_length is not None:
-                n = store.hashes.records(docs)  # counted while the plan hashed it
-                lines = n if n is not None else _count_lines(docs)
-                per_epoch = min(per_epoch, lines * max_length)
+            rows = read_jsonl(built)
+            records, per_epoch = len(rows), sum(len(r["input"]) for r in rows)
         else:
-            return {}
-        return {"training_tokens": per_epoch * node.params.epochs}
+            count = count_inputs(o, store)
+            if count is None:
+                return {}
+            records, per_epoch = max(count.records - o.test_size, 0), count.tokens
+        return {
+            "training_tokens": per_epoch * p.epochs,
+            "training_steps": math.ceil(records / p.batch_size) * p.epochs,
+        }
 
     def run(self, ctx: RunContext[TrainParams, TrainOptions]) -> StageResult:
         from spar.engines import get_engine
