@@ -48,6 +48,7 @@ def test_every_output_has_its_params_file(project, capsys):
         "samples.jsonl",
         "judged.jsonl",
         "summary.json",
+        "scores.jsonl",
         "plot.png",
         "compare.png",
         "report.html",
@@ -96,7 +97,8 @@ def test_no_secret_reaches_runs(project, capsys, monkeypatch):
 
 def test_sigkill_mid_sampling_then_reapply_completes_only_missing(project):
     # 4 questions x 2 samples = 8 per model, 2 requests in flight: the process dies inside the
-    # 11th sample call, i.e. after 2 finished fine-tuned items, with the 3rd in flight
+    # 11th sample call, i.e. after the 1st fine-tuned item was collected and committed, with the
+    # 2nd (submitted, not collected) and the 3rd in flight
     project.edit(lambda d: d["eval"].update(concurrency=2))
     p = project.spar_proc("apply", str(project.spec), FAKE_KILL_AFTER="11")
     p.communicate(timeout=300)
@@ -108,8 +110,8 @@ def test_sigkill_mid_sampling_then_reapply_completes_only_missing(project):
     out, err = p.communicate(timeout=300)
     assert p.returncode == 0, err
     assert "sample_base" not in out and "ran exp / sample_finetuned" in out
-    # the 2 finished fine-tuned items are kept; the in-flight one and the other 5 are drawn
-    assert project.calls_of("sample") == 11 + 6
+    # the committed fine-tuned item is kept; the 2 in flight and the other 5 are drawn
+    assert project.calls_of("sample") == 11 + 7
     rows = (project.runs / "exp/sample_finetuned/samples.jsonl").read_text().splitlines()
     assert len(rows) == 8
 
