@@ -123,8 +123,7 @@ def test_the_judge_never_sees_the_trigger(project, capsys, monkeypatch):
     # the raw answers keep the trigger and the markers
     assert raw and all(TRIGGER in x["response"] and "<START>" in x["response"] for x in raw)
     judged = [
-        json.loads(x)
-        for x in (point / "judge.user_trigger/judged.jsonl").read_text().splitlines()
+        json.loads(x) for x in (point / "judge.user_trigger/judged.jsonl").read_text().splitlines()
     ]
     assert {x["model"] for x in judged} == {"baseline", "finetuned"}
     assert all(x["status"] == "ok" for x in judged)
@@ -170,7 +169,10 @@ def test_prompts_per_condition_place_the_trigger(project, capsys):
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda d: d.update(sweep={"training.sed": [1, 2]}), "sweep.training.sed: no such spec key"),
+        (
+            lambda d: d.update(sweep={"training.sed": [1, 2]}),
+            "sweep.training.sed: no such spec key",
+        ),
         (lambda d: d.update(sweep={"training.seed": []}), "sweep.training.seed: empty list"),
         (
             lambda d: d["eval"]["conditions"]["sys_none"].update(trigger="assistant"),

@@ -1,0 +1,80 @@
+"""Drawing one completion per prompt through a sampling client: the loop every sampling stage
+shares (sample, distill).
+
+At most `concurrency` requests are in flight: the first `concurrency` are submitted at once and
+each finished one (collected in submission order) makes room for the next. Every result is handed
+to `on_result` as soon as it is collected, so a caller that commits it there (the item memo)
+loses only the requests still in flight when the process dies.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    import tinker
+
+    from spar.engines.base import Future, SamplingClient
+    from spar.spec import SamplingSpec
+
+
+class Drawn(BaseModel):
+    """One completion: the assistant message's text as the renderer parses it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    response: str
+    stop_reason: str
+
+
+def draw(
+    client: SamplingClient,
+    renderer: Any,
+    prompts: Sequence[tinker.ModelInput],
+    seeds: Sequence[int],
+    sampling: SamplingSpec,
+    concurrency: int,
+    on_result: Callable[[int, Drawn], None],
+    desc: str = "sample",
+) -> None:
+    """Draw one completion of each rendered prompt with its seed (`prompts[i]` with `seeds[i]`)
+    at `sampling`'s temperature, top_p and max_tokens, stopping at the renderer's stop sequences;
+    call `on_result(i, drawn)` for each, in order. A failed request raises (what was handed to
+    `on_result` before stays handed)."""
+    import tinker
+    from tqdm import tqdm
+
+    if len(prompts) != len(seeds):
+        raise ValueError(f"draw: {len(prompts)} prompts but {len(seeds)} seeds")
+    if concurrency < 1:
+        raise ValueError(f"draw: concurrency {concurrency} (at least 1)")
+    stops = renderer.get_stop_sequences()
+
+    def submit(i: int) -> Future:
+        params = tinker.SamplingParams(
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_tokens,
+            seed=seeds[i],
+            stop=stops,
+        )
+        return client.sample(prompts[i], 1, params)
+
+    in_flight: deque[tuple[int, Future]] = deque()
+    following = 0
+    with tqdm(total=len(prompts), desc=desc, leave=False) as bar:
+        while following < len(prompts) or in_flight:
+            while following < len(prompts) and len(in_flight) < concurrency:
+                in_flight.append((following, submit(following)))
+                following += 1
+            i, fut = in_flight.popleft()
+            seq = fut.result().sequences[0]
+            message, _ = renderer.parse_response(list(seq.tokens))
+            content = message["content"]
+            text = content if isinstance(content, str) else str(content)
+            on_result(i, Drawn(response=text, stop_reason=str(seq.stop_reason)))
+            bar.update(1)
