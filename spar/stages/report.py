@@ -146,20 +146,28 @@ def score_rows(
 
 
 def ci_words(boot: BootstrapSpec, seeded: bool) -> str:
-    levels = "seeds, then questions, then samples" if seeded else "questions, then samples"
+    levels = (
+        "seeds, then questions, then samples (seeds that answered the same questions: one "
+        "draw of questions for every drawn seed)"
+        if seeded
+        else "questions, then samples"
+    )
     return f"{boot.confidence * 100:g}% percentile hierarchical bootstrap; CI over {levels}"
 
 
-def by_question(rows: Iterable[Row], value: Callable[[Row], float]) -> list[list[float]]:
-    """Values grouped by question (questions in order of first appearance once the rows are
-    sorted by sample index; samples in sample-index order)."""
+def by_question(rows: Iterable[Row], value: Callable[[Row], float]) -> dict[str, list[float]]:
+    """Values grouped by question id (questions in order of first appearance once the rows are
+    sorted by sample index; samples in sample-index order). Keyed, so that seeds which answered
+    the same questions are bootstrapped as crossed seeds x questions (`spar.stats`)."""
     groups: dict[str, list[float]] = defaultdict(list)
     for r in sorted(rows, key=lambda r: r["sample_index"]):
         groups[r["question_id"]].append(value(r))
-    return list(groups.values())
+    return dict(groups)
 
 
-def _est(groups: list[list[list[float]]], boot: BootstrapSpec, estimand: str) -> dict[str, Any]:
+def _est(
+    groups: list[dict[str, list[float]]], boot: BootstrapSpec, estimand: str
+) -> dict[str, Any]:
     return {**estimate(groups, **boot.model_dump()).as_json(), "estimand": estimand}
 
 

@@ -3,7 +3,8 @@
 A sweep key whose last part is `seed` (`training.seed`, `eval.sampling.seed`, ...) is a
 replication key (`spar.spec.is_seed_key`): points that differ only in such keys form one group,
 and within a group each point is one seed — the top level of the hierarchical bootstrap (a
-replicate resamples seeds, then questions within each, then samples within each question). The
+replicate resamples seeds and one draw of questions shared by every seed (the seeds answer the same
+eval questions), then samples within each (seed, question)). The
 metrics are those of the per-experiment report (`spar.stages.report`), computed from every
 point's `scores.jsonl`; a group of one seed has exactly its experiment's numbers.
 
