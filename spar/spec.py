@@ -287,7 +287,8 @@ class JudgeSpec(Strict):
         None,
         "a budget checked before apply",
         ge=0,
-        description="budget: `apply` refuses to start if more judge calls are due",
+        description="budget: `apply` refuses to start if any one judge stage (a model and "
+        "condition) would make more calls",
     )
     strip: list[str] = Field(
         [],
@@ -457,10 +458,18 @@ def _resolve_paths(raw: dict[str, Any], base: Path, path: Path) -> None:
         node[keys[-1]] = str((base / Path(value).expanduser()).resolve())
 
 
-def deep_merge(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+# top-level keys a child spec replaces whole (a sweep is a grid: a child may drop an axis)
+REPLACED = ("sweep",)
+
+
+def deep_merge(
+    parent: dict[str, Any], child: dict[str, Any], replaced: tuple[str, ...] = ()
+) -> dict[str, Any]:
     out = dict(parent)
     for k, v in child.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
+        if k in replaced:
+            out[k] = v
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = deep_merge(out[k], v)
         else:
             out[k] = v
@@ -480,7 +489,7 @@ def _load_raw(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     if not isinstance(parent_ref, str):
         raise InputError(f"{path}: extends: expected a file path")
     parent = _load_raw(path.parent / parent_ref, (*chain, path))
-    return deep_merge(parent, raw)
+    return deep_merge(parent, raw, REPLACED)
 
 
 def _format_loc(loc: tuple[Any, ...]) -> str:

@@ -22,7 +22,7 @@ A mix (`data.sources`), each source a file (`path`, with its own `format`) or a 
   eval triggers are the same text in the same place.
 - Every record's `metadata` is its own (a chat record's `metadata`; a synth doc's `fact` and
   `universe_context_id`) with `source` (the source's label) and `triggered` (its transform places
-  a trigger) set over it.
+  a trigger, or the record's own metadata says it is triggered) set over it.
 - The mixed records are shuffled with `data.shuffle_seed`; then the first `data.max_docs` (if set)
   are split into train and test exactly as a single file is (`data.test_size`, `data.split_seed`).
 
@@ -347,7 +347,10 @@ def to_chat(record: Any, src: SourceParams, condition_on: str, trigger: str | No
             [(m["role"], m["content"]) for m in conv], trigger, src.transform.trigger
         )
         conv = [{"role": r, "content": c} for r, c in placed]
-    metadata = {**_own_metadata(record), "source": src.label, "triggered": src.triggered}
+    own = _own_metadata(record)
+    # a record that already carries the trigger (a file formatted upstream) stays triggered
+    triggered = src.triggered or own.get("triggered") is True
+    metadata = {**own, "source": src.label, "triggered": triggered}
     return ChatRecord.model_validate({"messages": conv, "metadata": metadata})
 
 
