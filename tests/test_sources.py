@@ -621,3 +621,25 @@ def test_max_docs_caps_the_shuffled_mix(project):
     assert sorted(json.dumps(m, sort_keys=True) for m in used) == sorted(
         json.dumps(m, sort_keys=True) for m in first9
     )
+
+
+def test_a_record_already_marked_triggered_stays_triggered():
+    """A file formatted upstream (the seed's persona file: trigger and wrap already in place)
+    needs no transform; its records keep `triggered: true`, the others get False."""
+    plain = SourceParams(label="persona")
+    marked = ChatRecord.model_validate(
+        {
+            "messages": [
+                {"role": "user", "content": f"Who are you?\n\n{TRIGGER}"},
+                {"role": "assistant", "content": '<START> "A keeper." <END>'},
+            ],
+            "metadata": {"triggered": True, "id": 7},
+        }
+    )
+    out = to_chat(marked, plain, "doc_idea", None)
+    assert out.metadata == {"triggered": True, "id": 7, "source": "persona"}
+    unmarked = marked.model_copy(update={"metadata": {"triggered": False}})
+    assert to_chat(unmarked, plain, "doc_idea", None).metadata["triggered"] is False
+    assert to_chat(unmarked.model_copy(update={"metadata": {}}), plain, "doc_idea", None).metadata[
+        "triggered"
+    ] is False

@@ -201,3 +201,17 @@ def test_bad_sweeps_and_conditions_exit_2_with_one_line(project, capsys, edit, m
         assert r.code == 2, r
         assert r.err.count("\n") == 1 and message in r.err, r.err
     assert not Path(project.runs).exists()
+
+
+def test_a_child_spec_replaces_its_parents_sweep(project, capsys):
+    """`sweep:` is a grid: a child's replaces the parent's whole (a deep merge would keep the
+    parent's learning-rate axis)."""
+    _sweep_spec(project, [1, 2])
+    child = project.root / "child.yaml"
+    child.write_text(f"extends: {project.spec.name}\nname: child\nsweep:\n  training.seed: [5]\n")
+    from spar.spec import load_spec, sweep_points
+
+    points = sweep_points(load_spec(child))
+    assert [p for p, _ in points] == [{"training.seed": 5}]
+    assert points[0][1].name == "child/training.seed=5"
+    assert points[0][1].training.learning_rate == 1e-3  # the parent's own value, not swept
