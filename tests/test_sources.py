@@ -640,6 +640,9 @@ def test_a_record_already_marked_triggered_stays_triggered():
     assert out.metadata == {"triggered": True, "id": 7, "source": "persona"}
     unmarked = marked.model_copy(update={"metadata": {"triggered": False}})
     assert to_chat(unmarked, plain, "doc_idea", None).metadata["triggered"] is False
-    assert to_chat(unmarked.model_copy(update={"metadata": {}}), plain, "doc_idea", None).metadata[
-        "triggered"
-    ] is False
+    assert (
+        to_chat(unmarked.model_copy(update={"metadata": {}}), plain, "doc_idea", None).metadata[
+            "triggered"
+        ]
+        is False
+    )
