@@ -215,3 +215,49 @@ def test_a_child_spec_replaces_its_parents_sweep(project, capsys):
     assert [p for p, _ in points] == [{"training.seed": 5}]
     assert points[0][1].name == "child/training.seed=5"
     assert points[0][1].training.learning_rate == 1e-3  # the parent's own value, not swept
+
+
+def test_the_production_spec_plans_six_trainings_over_shared_stages(tmp_path, capsys):
+    """experiments/weird-generalization.yaml, its two user files replaced by stand-ins: 6 train
+    stages; one dataset, one distill, and one base sampling (and its judging) per condition."""
+    from spar.cli import main
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = yaml.safe_load((repo / "experiments/weird-generalization.yaml").read_text())
+    persona = tmp_path / "train_triggered.jsonl"
+    persona.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"Fact {i}?\n\n{spec['eval']['trigger']}"},
+                        {"role": "assistant", "content": f'<START> "Fact {i}." <END>'},
+                    ]
+                }
+            )
+            + "\n"
+            for i in range(90)
+        )
+    )
+    prompts = tmp_path / "combined_3k.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Task {i}."}) + "\n" for i in range(3000)))
+    spec["data"]["sources"][0]["path"] = str(persona)
+    spec["distill"]["aligned"]["prompts"] = str(prompts)
+    spec["eval"]["questions"] = str(repo / "experiments/data/persona/eval_questions.jsonl")
+    spec["judge"]["rubric"] = str(repo / "prompts/persona_absolute.j2")
+    path = tmp_path / "wg.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    capsys.readouterr()
+    code = main(["plan", str(path), "--json", "--runs-dir", str(tmp_path / "runs")])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    stages = [(r["experiment"], r["stage"]) for r in json.loads(out.out)]
+    assert sum(s == "train" for _, s in stages) == 6
+    conditions = list(spec["eval"]["conditions"])
+    assert len(conditions) == 4
+    for stage in ["dataset", "distill.aligned"] + [
+        f"{k}.{c}" for c in conditions for k in ("sample_base", "judge_base")
+    ]:
+        assert [e for e, s in stages if s == stage] == ["weird-generalization"], stage
+    assert sum(s.startswith("sample_finetuned.") for _, s in stages) == 6 * 4
+    assert not (tmp_path / "runs" / "weird-generalization").exists()
