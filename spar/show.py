@@ -138,10 +138,11 @@ def _sweep_rows(
     return rows
 
 
-def _cell(e: dict[str, Any]) -> str:
+def _cell(e: dict[str, Any], signed: bool = True) -> str:
     if e.get("mean") is None:
         return "—"
-    return f"{e['mean']:+.2f} [{e['ci_low']:+.2f}, {e['ci_high']:+.2f}]"
+    f = "+.2f" if signed else ".2f"
+    return f"{e['mean']:{f}} [{e['ci_low']:{f}}, {e['ci_high']:{f}}]"
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -163,7 +164,12 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                 r["experiment"],
                 r["status"],
                 *(str(r["params"][p]) for p in params),
-                *(_cell(r["effects"][t]) if t in r["effects"] else blank for t in tiers),
+                *(
+                    _cell(r["effects"][t], not t.startswith("rate "))
+                    if t in r["effects"]
+                    else blank
+                    for t in tiers
+                ),
                 blank if r["invalid"] is None else str(r["invalid"]),
                 blank if r["errors"] is None else str(r["errors"]),
             ]

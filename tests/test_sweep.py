@@ -107,6 +107,25 @@ def test_sweep_applies_shared_stages_once_and_a_new_seed_trains_only_itself(
     r = project.spar("apply", str(project.spec), capsys=capsys)
     assert r.out.strip() == "nothing to do: every stage is fresh"
 
+    # show: a row per point (6), then a row per learning rate over its 3 seeds
+    r = project.spar("show", str(project.spec), "--json", capsys=capsys)
+    rows = json.loads(r.out)
+    points = [x for x in rows if "seeds)" not in x["experiment"]]
+    groups = [x for x in rows if "seeds)" in x["experiment"]]
+    assert len(points) == 6 and all(x["status"] == "fresh" for x in points)
+    assert [g["experiment"] for g in groups] == [
+        "exp/training.learning_rate=0.001 (3 seeds)",
+        "exp/training.learning_rate=0.002 (3 seeds)",
+    ]
+    for x in points + groups:
+        assert set(x["effects"]) == {f"rate {c}" for c in CONDITIONS} | {
+            f"gap {t}-sys_none" for t in ("user_trigger", "sys_user_trigger", "sys_trigger")
+        }
+    # the fake fine-tuned model exhibits in every triggered answer
+    assert all(x["effects"]["rate user_trigger"]["mean"] == 1.0 for x in points + groups)
+    table = project.spar("show", str(project.spec), capsys=capsys).out
+    assert "rate sys_none" in table and "gap sys_trigger-sys_none" in table
+
 
 def test_the_judge_never_sees_the_trigger(project, capsys, monkeypatch):
     """The hygiene judge raises on any request showing the trigger or its markers; the fake
