@@ -34,9 +34,11 @@ if TYPE_CHECKING:
 
 
 class SampleParams(Params):
-    # the condition's name is in item ids, not in what is drawn (its messages are in the key)
+    # the condition's name is in item ids, not in what is drawn; its trigger placement shows in
+    # the rendered prompt, which is in every item key (so items memoised before conditions
+    # existed stay valid)
     collection: ClassVar[frozenset[str]] = frozenset(
-        {"questions", "samples_per_question", "condition"}
+        {"questions", "samples_per_question", "condition", "trigger_placement", "trigger"}
     )
 
     engine: str = key("model.engine")

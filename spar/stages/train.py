@@ -300,6 +300,12 @@ class TrainParams(Params):
     epochs: int = key("training.epochs")
     seed: int = key("training.seed")
 
+    def dump(self) -> dict[str, Any]:
+        """Without warm-up the schedule is what it was before `warmup_ratio` existed: leave the
+        field out, so models trained then keep their fingerprints (nothing retrains)."""
+        exclude = {"warmup_ratio"} if self.warmup_ratio == 0 else set()
+        return self.model_dump(mode="json", by_alias=True, exclude=exclude)
+
 
 class SourceCount(BaseModel):
     """One data source as the estimate counts it before the dataset stage has run."""
