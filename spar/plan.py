@@ -283,9 +283,7 @@ def _identity(node: StageNode[Any, Any], upstream: dict[str, str]) -> str:
     )
 
 
-def sweep_graph(
-    root: Spec, store: RunStore, points: list[tuple[dict[str, Any], Spec]] | None = None
-) -> list[StageNode[Any, Any]]:
+def sweep_graph(root: Spec, store: RunStore) -> list[StageNode[Any, Any]]:
     """The graph of a sweep: every point's pipeline, where a stage that is the same in every point
     (same kind, params, inputs and upstream: dataset, distill, base sampling and its verdicts when
     only training keys are swept) becomes ONE stage of the root experiment `<name>`, which the
@@ -295,7 +293,7 @@ def sweep_graph(
 
     if root.report.compare:
         raise InputError(f"{root.name}: report.compare: not available in a sweep spec")
-    points = points if points is not None else sweep_points(root)
+    points = sweep_points(root)
     graphs = [build_graph(spec, store) for _, spec in points]
     idents: list[dict[str, str]] = []
     for graph in graphs:

@@ -27,10 +27,11 @@ def _stat(e: dict[str, Any]) -> dict[str, Any]:
 
 def headline(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Column -> statistic: the effect per tier (no conditions), or `rate <condition>` (fine-tuned
-    exhibits rate) and `gap <triggered>-<untriggered>` (fine-tuned leakage gap)."""
+    exhibits rate) and `gap <triggered>-<untriggered>` (fine-tuned leakage gap). `summary` is a
+    report's summary or one group of a sweep report."""
     out: dict[str, dict[str, Any]] = {}
     conditions = summary.get("conditions", {})
-    if list(conditions) in ([], [""]):
+    if "tiers" in summary and list(conditions) in ([], [""]):  # a report without conditions
         tiers = summary["tiers"]
         for tier in tier_order(list(tiers)):
             per = tiers[tier]
@@ -39,16 +40,6 @@ def headline(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
     for c in summary.get("condition_order", list(conditions)):
         out[f"rate {c}"] = _stat(conditions[c]["exhibits_rate"]["finetuned"])
     for g in summary.get("gaps", []):
-        if g["model"] == "finetuned":
-            out[f"gap {g['triggered']}-{g['untriggered']}"] = _stat(g)
-    return out
-
-
-def _group_headline(group: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    for c, per in group["conditions"].items():
-        out[f"rate {c}"] = _stat(per["exhibits_rate"]["finetuned"])
-    for g in group.get("gaps", []):
         if g["model"] == "finetuned":
             out[f"gap {g['triggered']}-{g['untriggered']}"] = _stat(g)
     return out
@@ -63,48 +54,48 @@ def _display(value: Any) -> Any:
     return value
 
 
+def _load(planned: PlannedStage, path: Path) -> tuple[str, dict[str, Any] | None]:
+    """The status of a report stage, and its summary only if it is fresh."""
+    status = planned.status if path.exists() else "not run"
+    return status, json.loads(path.read_text()) if planned.status == "fresh" else None
+
+
 def _row(
-    experiment: str, planned: PlannedStage, summary_path: Path, params: dict[str, Any]
+    experiment: str, planned: PlannedStage, path: Path, params: dict[str, Any]
 ) -> dict[str, Any]:
-    effects: dict[str, Any] = {}
-    invalid = errors = None
-    status = planned.status if summary_path.exists() else "not run"
-    if planned.status == "fresh":
-        summary = json.loads(summary_path.read_text())
-        if "groups" in summary:  # a sweep report: one row per group, added by the caller
-            return {"experiment": experiment, "status": status, "summary": summary}
-        invalid, errors = summary["invalid"], summary.get("errors", 0)
-        effects = headline(summary)
+    status, summary = _load(planned, path)
     return {
         "experiment": experiment,
         "status": status,
         "reasons": planned.reasons if planned.status != "fresh" else [],
         "params": params,
-        "effects": effects,
-        "invalid": invalid,
-        "errors": errors,
+        "effects": headline(summary) if summary else {},
+        "invalid": summary["invalid"] if summary else None,
+        "errors": summary.get("errors", 0) if summary else None,
     }
 
 
 def show_rows(specs: list[Spec], store: RunStore) -> list[dict[str, Any]]:
-    shown: list[tuple[Spec, Spec | None]] = []  # (spec of the row, its sweep root)
-    for spec in specs:
-        if spec.sweep is None:
-            shown.append((spec, None))
-        else:
-            shown += [(point, spec) for _, point in sweep_points(spec)]
-    flat = [flatten(s.model_dump(mode="json", exclude={"name", "sweep"})) for s, _ in shown]
+    # each spec with the experiments it shows a row for: itself, or its sweep's points
+    expanded = [
+        (spec, [spec] if spec.sweep is None else [p for _, p in sweep_points(spec)])
+        for spec in specs
+    ]
+    points = [p for _, ps in expanded for p in ps]
+    flat = [flatten(p.model_dump(mode="json", exclude={"name", "sweep"})) for p in points]
     keys = list(dict.fromkeys(k for f in flat for k in f))
     differ = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1]
+    params = {
+        p.name: {k: _display(f.get(k)) for k in differ} for p, f in zip(points, flat, strict=True)
+    }
     planned = {(p.node.experiment, p.node.name): p for p in plan_specs(specs, store)}
     rows = []
-    for (spec, root), f in zip(shown, flat, strict=True):
-        params = {k: _display(f.get(k)) for k in differ}
-        path = store.stage_dir(spec.name, "report") / "summary.json"
-        rows.append(_row(spec.name, planned[(spec.name, "report")], path, params))
-        last_point = root is not None and spec is [s for s, r in shown if r is root][-1]
-        if root is not None and last_point:
-            rows += _sweep_rows(root, planned[(root.name, "sweep_report")], store, differ)
+    for spec, ps in expanded:
+        for p in ps:
+            path = store.stage_dir(p.name, "report") / "summary.json"
+            rows.append(_row(p.name, planned[(p.name, "report")], path, params[p.name]))
+        if spec.sweep is not None:
+            rows += _sweep_rows(spec, planned[(spec.name, "sweep_report")], store, differ)
     return rows
 
 
@@ -113,15 +104,16 @@ def _sweep_rows(
 ) -> list[dict[str, Any]]:
     """One row per group of a sweep (points differing only in seed): CIs over seeds."""
     path = store.stage_dir(root.name, "sweep_report") / "summary.json"
-    got = _row(root.name, planned, path, {})
-    if "summary" not in got:
-        return [got | {"experiment": f"{root.name} (sweep)", "params": dict.fromkeys(differ, "")}]
+    _, summary = _load(planned, path)
+    if summary is None:
+        blank = dict.fromkeys(differ, "")
+        return [_row(f"{root.name} (sweep)", planned, path, blank)]
     rows = []
-    for group in got["summary"]["groups"]:
+    for group in summary["groups"]:
         seeds = len(group["seeds"])
         name = f"{root.name}/{group['label']}" if group["label"] else root.name
-        params = {
-            k: group["point"].get(k, f"{seeds} seeds" if k in got["summary"]["seed_keys"] else "")
+        row_params = {
+            k: group["point"].get(k, f"{seeds} seeds" if k in summary["seed_keys"] else "")
             for k in differ
         }
         rows.append(
@@ -129,8 +121,8 @@ def _sweep_rows(
                 "experiment": f"{name} ({seeds} seeds)",
                 "status": "fresh",
                 "reasons": [],
-                "params": params,
-                "effects": _group_headline(group),
+                "params": row_params,
+                "effects": headline(group),
                 "invalid": group.get("invalid"),
                 "errors": group.get("errors"),
             }

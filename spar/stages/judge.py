@@ -145,6 +145,12 @@ def to_ask(
     return keys, verdicts, todo
 
 
+def sample_roles(p: JudgeParams) -> list[str]:
+    """The upstream roles whose samples.jsonl this stage reads: the baseline's, then (judging the
+    fine-tuned answers) the fine-tuned model's."""
+    return ["sample_base"] + (["sample_finetuned"] if p.answers == "finetuned" else [])
+
+
 def verdict_rows(
     requests: list[tuple[dict[str, Any], JudgeRequest]],
     keys: list[str],
@@ -224,13 +230,6 @@ class JudgeStage(StageKind[JudgeParams, JudgeOptions]):
         return out
 
     @staticmethod
-    def _samples(node: StageNode[JudgeParams, JudgeOptions], roots: Any) -> list[Path]:
-        roles = ["sample_base"] + (
-            ["sample_finetuned"] if node.params.answers == "finetuned" else []
-        )
-        return [roots(*node.upstream_at(r)) / "samples.jsonl" for r in roles]
-
-    @staticmethod
     def _requests(
         p: JudgeParams, rubric: Path, samples: list[Path]
     ) -> list[tuple[dict[str, Any], JudgeRequest]]:
@@ -249,7 +248,7 @@ class JudgeStage(StageKind[JudgeParams, JudgeOptions]):
         token."""
         p = node.params
         rubric = node.inputs["judge.rubric"].path
-        samples = self._samples(node, store.stage_dir)
+        samples = [store.stage_dir(*node.upstream_at(r)) / "samples.jsonl" for r in sample_roles(p)]
         if upstream_fresh and all(s.exists() for s in samples):
             requests = self._requests(p, rubric, samples)
             memo = store.memo(self.kind, self.item_version, p.item_basis())
@@ -269,8 +268,7 @@ class JudgeStage(StageKind[JudgeParams, JudgeOptions]):
 
         p, o = ctx.params, ctx.options
         rubric = ctx.inputs["judge.rubric"]
-        roles = ["sample_base"] + (["sample_finetuned"] if p.answers == "finetuned" else [])
-        samples = [ctx.upstream_file(r, "samples.jsonl") for r in roles]
+        samples = [ctx.upstream_file(r, "samples.jsonl") for r in sample_roles(p)]
         requests = self._requests(p, rubric, samples)
         memo = ctx.memo()
         keys, verdicts, todo = to_ask(p, memo, requests, ctx.flags.retry_invalid)
