@@ -177,7 +177,7 @@ class DistillStage(StageKind[DistillParams, DistillOptions]):
     def run(self, ctx: RunContext[DistillParams, DistillOptions]) -> StageResult:
         from spar.engines import get_engine
         from spar.models import load_renderer
-        from spar.stages.draw import Drawn, draw
+        from spar.stages.draw import Drawn, draw_missing
         from spar.stages.sample import item_seed
 
         p, o = ctx.params, ctx.options
@@ -193,27 +193,19 @@ class DistillStage(StageKind[DistillParams, DistillOptions]):
             memo.key({"prompt": r.to_ints(), "prompt_id": pid})
             for r, pid in zip(rendered, ids, strict=True)
         ]
-        done: dict[str, Any] = memo.get_many(keys)
-        todo = [i for i, k in enumerate(keys) if k not in done]
-        if todo:
-            engine = get_engine(p.engine, ctx.scratch("engines", p.engine))
-            client = engine.create_sampling_client(base_model=o.base_model)
-
-            def on_result(j: int, drawn: Drawn) -> None:
-                value = drawn.model_dump()
-                memo.put(keys[todo[j]], value)
-                done[keys[todo[j]]] = value
-
-            draw(
-                client,
-                renderer,
-                [rendered[i] for i in todo],
-                [item_seed(p.sampling.seed, ids[i], 0) for i in todo],
-                p.sampling,
-                o.concurrency,
-                on_result,
-                desc=f"distill {p.name}",
-            )
+        done, drawn = draw_missing(
+            memo,
+            keys,
+            lambda: get_engine(p.engine, ctx.scratch("engines", p.engine)).create_sampling_client(
+                base_model=o.base_model
+            ),
+            renderer,
+            rendered,
+            [item_seed(p.sampling.seed, pid, 0) for pid in ids],
+            p.sampling,
+            o.concurrency,
+            desc=f"distill {p.name}",
+        )
         rows: list[dict[str, Any]] = []
         for text, pid, k in zip(prompts, ids, keys, strict=True):
             answer = Drawn.model_validate(done[k])
@@ -233,5 +225,5 @@ class DistillStage(StageKind[DistillParams, DistillOptions]):
             )
         return StageResult(
             {OUTPUT: jsonl_text(rows).encode()},
-            details={"items": len(rows), "drawn": len(todo)},
+            details={"items": len(rows), "drawn": drawn},
         )

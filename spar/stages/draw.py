@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
     from spar.engines.base import Future, SamplingClient
     from spar.spec import SamplingSpec
+    from spar.store import ItemMemo
 
 
 class Drawn(BaseModel):
@@ -78,3 +79,39 @@ def draw(
             text = content if isinstance(content, str) else str(content)
             on_result(i, Drawn(response=text, stop_reason=str(seq.stop_reason)))
             bar.update(1)
+
+
+def draw_missing(
+    memo: ItemMemo,
+    keys: Sequence[str],
+    client: Callable[[], SamplingClient],
+    renderer: Any,
+    prompts: Sequence[tinker.ModelInput],
+    seeds: Sequence[int],
+    sampling: SamplingSpec,
+    concurrency: int,
+    desc: str = "sample",
+) -> tuple[dict[str, Any], int]:
+    """The memoised value (a `Drawn` dump) of every item key, and how many were drawn now: items
+    not in the memo are drawn (`prompts[i]` with `seeds[i]`, through `client()`, made only when
+    something is missing) and each is committed as soon as it is collected."""
+    done = memo.get_many(keys)
+    todo = [i for i, k in enumerate(keys) if k not in done]
+    if todo:
+
+        def keep(j: int, drawn: Drawn) -> None:
+            value = drawn.model_dump()
+            memo.put(keys[todo[j]], value)
+            done[keys[todo[j]]] = value
+
+        draw(
+            client(),
+            renderer,
+            [prompts[i] for i in todo],
+            [seeds[i] for i in todo],
+            sampling,
+            concurrency,
+            keep,
+            desc,
+        )
+    return done, len(todo)

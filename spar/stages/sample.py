@@ -25,7 +25,7 @@ from spar.stages.base import (
     StageResult,
     key,
 )
-from spar.stages.draw import Drawn, draw
+from spar.stages.draw import draw_missing
 from spar.stages.models import ModelRef, model_ref
 from spar.store import RunStore, hash_json, jsonl_text
 
@@ -153,27 +153,19 @@ class SampleStage(StageKind[SampleParams, SampleOptions]):
                     }
                 )
             )
-        done = memo.get_many(keys)
-        todo = [(it, k) for it, k in zip(items, keys, strict=True) if k not in done]
-        if todo:
-
-            def keep(i: int, drawn: Drawn) -> None:
-                value = drawn.model_dump()
-                memo.put(todo[i][1], value)
-                done[todo[i][1]] = value
-
-            draw(
-                engine.create_sampling_client(**client_args),
-                renderer,
-                [prompts[it.messages] for it, _ in todo],
-                [item_seed(p.sampling.seed, it.question_id, it.sample_index) for it, _ in todo],
-                p.sampling,
-                o.concurrency,
-                keep,
-                desc=f"sample {ctx.name}",
-            )
+        done, drawn = draw_missing(
+            memo,
+            keys,
+            lambda: engine.create_sampling_client(**client_args),
+            renderer,
+            [prompts[it.messages] for it in items],
+            [item_seed(p.sampling.seed, it.question_id, it.sample_index) for it in items],
+            p.sampling,
+            o.concurrency,
+            desc=f"sample {ctx.name}",
+        )
         rows = [{**it.identity(), **done[k]} for it, k in zip(items, keys, strict=True)]
         return StageResult(
             {"samples.jsonl": jsonl_text(rows).encode()},
-            details={"items": len(rows), "drawn": len(todo)},
+            details={"items": len(rows), "drawn": drawn},
         )
