@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from spar.errors import InputError
 from spar.items import Question
+from spar.spec_generate import GenerateSpec
+from spar.spec_generate import resolve_paths as _resolve_generate_paths
 from spar.specfile import read_yaml
 
 
@@ -52,8 +54,8 @@ class TransformSpec(Strict):
 
     wrap: str | None = Field(
         None,
-        description='assistant answers become this text with {answer} replaced, e.g. '
-        '\'<START> "{answer}" <END>\'',
+        description="assistant answers become this text with {answer} replaced, e.g. "
+        "'<START> \"{answer}\" <END>'",
     )
     trigger: Placement = Field(
         "none", description="add eval.trigger to the user turn, the system prompt, or nowhere"
@@ -72,6 +74,7 @@ class SourceSpec(Strict):
 
     path: Path | None = cosmetic(None, "its content is hashed, not its path")
     distill: str | None = Field(None, description="name of a `distill:` set instead of a file")
+    generate: str | None = Field(None, description="name of a `generate:` set instead of a file")
     format: Literal["synth_docs", "chat"] = "chat"
     take: int | None = Field(None, ge=1, description="this many records (after a seeded shuffle)")
     fraction: float | None = Field(None, gt=0, le=1, description="share of the mixed set")
@@ -82,8 +85,8 @@ class SourceSpec(Strict):
 
     @model_validator(mode="after")
     def _one_origin(self) -> SourceSpec:
-        if (self.path is None) == (self.distill is None):
-            raise ValueError("give exactly one of path or distill")
+        if sum(x is not None for x in (self.path, self.distill, self.generate)) != 1:
+            raise ValueError("give exactly one of path, distill or generate")
         if self.take is not None and self.fraction is not None:
             raise ValueError("give take or fraction, not both")
         if self.distill is not None and self.format != "chat":
@@ -94,7 +97,11 @@ class SourceSpec(Strict):
     def source_label(self) -> str:
         if self.label:
             return self.label
-        return self.distill if self.distill is not None else Path(str(self.path)).stem
+        if self.distill is not None:
+            return self.distill
+        if self.generate is not None:
+            return self.generate
+        return Path(str(self.path)).stem
 
 
 class DataSpec(Strict):
@@ -103,6 +110,9 @@ class DataSpec(Strict):
     )
     sources: list[SourceSpec] | None = Field(
         None, description="a training set mixed from several files (instead of docs)"
+    )
+    generate: str | None = Field(
+        None, description="name of a `generate:` set whose documents are the training set"
     )
     total: int | None = Field(
         None, ge=1, description="fraction mixes: records in the mix (default: as many as fit)"
@@ -118,8 +128,8 @@ class DataSpec(Strict):
 
     @model_validator(mode="after")
     def _one_origin(self) -> DataSpec:
-        if (self.docs is None) == (self.sources is None):
-            raise ValueError("give exactly one of data.docs or data.sources")
+        if sum(x is not None for x in (self.docs, self.sources, self.generate)) != 1:
+            raise ValueError("give exactly one of data.docs, data.sources or data.generate")
         if self.sources is not None:
             if not self.sources:
                 raise ValueError("sources: empty list")
@@ -180,12 +190,26 @@ class ConditionSpec(Strict):
     trigger: Placement = Field("none", description="user | system | none")
 
 
+Turns = str | list[str]  # a question: one user message, or several (a multi-turn conversation)
+
+
+def turns_of(q: Turns) -> tuple[str, ...]:
+    return (q,) if isinstance(q, str) else tuple(q)
+
+
 class EvalSpec(Strict):
-    tiers: dict[str, list[str]] | None = Field(
-        None, description="tier -> questions, in semantic order (direct ... very_distant)"
+    tiers: dict[str, list[Turns]] | None = Field(
+        None,
+        description="tier -> questions, in semantic order (direct ... very_distant); a question "
+        "is a string or a list of user turns",
     )
     questions: Path | None = cosmetic(
-        None, "its questions are parameters", description='JSONL of {"tier", "question"}'
+        None,
+        "its questions are parameters",
+        description='JSONL of {"tier", "question"} or {"tier", "turns": [...]}',
+    )
+    generate: str | None = Field(
+        None, description="name of a `generate:` set (output: questions) that writes the questions"
     )
     samples_per_question: int = Field(1, ge=1)
     sampling: SamplingSpec = SamplingSpec()
@@ -212,7 +236,7 @@ class EvalSpec(Strict):
 
     @field_validator("tiers")
     @classmethod
-    def _tiers_not_empty(cls, v: dict[str, list[str]] | None) -> dict[str, list[str]] | None:
+    def _tiers_not_empty(cls, v: dict[str, list[Turns]] | None) -> dict[str, list[Turns]] | None:
         if v is None:
             return v
         if not v:
@@ -220,22 +244,25 @@ class EvalSpec(Strict):
         for tier, qs in v.items():
             if not qs:
                 raise ValueError(f"tier {tier!r} has no questions")
-            if any(not q.strip() for q in qs):
-                raise ValueError(f"tier {tier!r} has an empty question")
-        seen: dict[str, str] = {}
+            for i, q in enumerate(qs):
+                if not turns_of(q) or any(not t.strip() for t in turns_of(q)):
+                    raise ValueError(f"{tier}[{i}]: an empty question or turn")
+        seen: dict[tuple[str, ...], str] = {}
         for tier, qs in v.items():
             for i, q in enumerate(qs):
-                if q in seen:
+                t = turns_of(q)
+                if t in seen:
                     raise ValueError(
-                        f"{tier}[{i}]: question given twice (also in tier {seen[q]!r}): {q[:60]!r}"
+                        f"{tier}[{i}]: question given twice (also in tier {seen[t]!r}): "
+                        f"{t[0][:60]!r}"
                     )
-                seen[q] = tier
+                seen[t] = tier
         return v
 
     @model_validator(mode="after")
     def _one_source(self) -> EvalSpec:
-        if (self.tiers is None) == (self.questions is None):
-            raise ValueError("give exactly one of eval.tiers or eval.questions")
+        if sum(x is not None for x in (self.tiers, self.questions, self.generate)) != 1:
+            raise ValueError("give exactly one of eval.tiers, eval.questions or eval.generate")
         if self.conditions is not None:
             if self.system_prompt is not None:
                 raise ValueError("system_prompt: give it per condition when conditions are set")
@@ -295,6 +322,23 @@ class JudgeSpec(Strict):
         description="regexes removed from the question and answer the judge sees (eval.trigger "
         "itself is always removed)",
     )
+    properties: dict[str, str] | None = Field(
+        None,
+        description="property -> description: one verdict per (answer, property); the rubric "
+        "gets `property` and `property_description`",
+    )
+
+    @field_validator("properties", mode="before")
+    @classmethod
+    def _property_list(cls, v: Any) -> Any:
+        return {str(p): "" for p in v} if isinstance(v, list) else v
+
+    @field_validator("properties")
+    @classmethod
+    def _properties(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        if v is not None and not v:
+            raise ValueError("empty (leave it out for one verdict per answer)")
+        return v
 
     @field_validator("strip")
     @classmethod
@@ -368,6 +412,11 @@ class Spec(Strict):
     distill: dict[str, DistillSpec] = Field(
         {}, description="name -> a self-distilled chat set (a data source: `distill: name`)"
     )
+    generate: dict[str, GenerateSpec] = Field(
+        {},
+        description="name -> a generated set (documents, chat records or eval questions written "
+        "by an LLM): `data.generate`, `data.sources[].generate` or `eval.generate` name it",
+    )
     training: TrainingSpec = TrainingSpec()
     eval: EvalSpec
     judge: JudgeSpec
@@ -383,6 +432,29 @@ class Spec(Strict):
         for name in self.distill:
             if not re.match(NAME_PATTERN, name):
                 raise ValueError(f"distill: name {name!r}: letters, digits, _ and - only")
+        for name in self.generate:
+            if not re.match(NAME_PATTERN, name):
+                raise ValueError(f"generate: name {name!r}: letters, digits, _ and - only")
+        want = {"synth_docs": ("synth_docs",), "chat": ("chat",), "questions": ("questions",)}
+        uses: list[tuple[str, str | None, tuple[str, ...]]] = [
+            ("data.generate", self.data.generate, want[self.data.format]),
+            ("eval.generate", self.eval.generate, want["questions"]),
+        ]
+        for i, src in enumerate(self.data.sources or []):
+            uses.append((f"data.sources.{i}.generate", src.generate, want[src.format]))
+        for where, name, outputs in uses:
+            if name is None:
+                continue
+            if name not in self.generate:
+                raise ValueError(
+                    f"{where}: no generate set named {name!r} "
+                    f"(defined: {', '.join(self.generate) or 'none'})"
+                )
+            if self.generate[name].output not in outputs:
+                raise ValueError(
+                    f"{where}: generate set {name!r} writes {self.generate[name].output}, "
+                    f"not {' or '.join(outputs)}"
+                )
         for i, src in enumerate(self.data.sources or []):
             if src.distill is not None and src.distill not in self.distill:
                 raise ValueError(
@@ -408,9 +480,25 @@ class Spec(Strict):
         return [(a, b) for a in on for b in off]
 
     def questions(self) -> list[Question]:
-        """The eval questions in order; `load_spec` always fills `eval.tiers`."""
-        assert self.eval.tiers is not None
-        return [Question.of(t, (q,)) for t, qs in self.eval.tiers.items() for q in qs]
+        """The eval questions in order (none when a generate set writes them); `load_spec` fills
+        `eval.tiers` from `eval.questions`."""
+        if self.eval.tiers is None:
+            return []
+        return [Question.of(t, turns_of(q)) for t, qs in self.eval.tiers.items() for q in qs]
+
+    def tier_order(self) -> list[str]:
+        """The tiers in semantic order (of the questions, or of the set that generates them)."""
+        if self.eval.generate is not None:
+            return self.generate[self.eval.generate].tier_order()
+        return list(dict.fromkeys(q.tier for q in self.questions()))
+
+    def question_count(self) -> int:
+        """Eval questions (an upper bound when generated: before drops and dedup; a universe
+        file's roots count one)."""
+        if self.eval.generate is not None:
+            g = self.generate[self.eval.generate]
+            return g.expected_items(g.root_count() or 1)
+        return len(self.questions())
 
 
 # --------------------------------------------------------------------------- loading
@@ -438,6 +526,8 @@ def _resolve_paths(raw: dict[str, Any], base: Path, path: Path) -> None:
         for d in raw["distill"].values():
             if isinstance(d, dict) and "prompts" in d:
                 d["prompts"] = _abs(base, d["prompts"])
+    if isinstance(raw.get("generate"), dict):
+        _resolve_generate_paths(raw["generate"], lambda v: _abs(base, v))
     report = raw.get("report")
     if isinstance(report, dict) and isinstance(report.get("compare"), list):
         report["compare"] = [
@@ -496,11 +586,11 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in loc) or "(top level)"
 
 
-def _load_questions(path: Path) -> dict[str, list[str]]:
+def load_questions(path: Path) -> dict[str, list[Turns]]:
     if not path.exists():
         raise InputError(f"{path}: file not found (eval.questions)")
-    tiers: dict[str, list[str]] = {}
-    seen: dict[str, int] = {}
+    tiers: dict[str, list[Turns]] = {}
+    seen: dict[tuple[str, ...], int] = {}
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
@@ -510,14 +600,20 @@ def _load_questions(path: Path) -> dict[str, list[str]]:
             raise InputError(f"{path}: line {n}: invalid JSON ({e.msg})") from None
         if not isinstance(rec, dict):
             raise InputError(f"{path}: line {n}: expected an object with tier and question")
-        tier, q = rec.get("tier"), rec.get("question")
+        tier, q = rec.get("tier"), rec.get("question", rec.get("turns"))
         if not isinstance(tier, str) or not tier:
             raise InputError(f"{path}: line {n}: field 'tier' missing or not a string")
-        if not isinstance(q, str) or not q.strip():
-            raise InputError(f"{path}: line {n}: field 'question' missing or empty")
-        if q in seen:
-            raise InputError(f"{path}: line {n}: question given twice (first at line {seen[q]})")
-        seen[q] = n
+        if isinstance(q, list) and q and all(isinstance(t, str) and t.strip() for t in q):
+            q = q[0] if len(q) == 1 else [str(t) for t in q]
+        elif not isinstance(q, str) or not q.strip():
+            raise InputError(
+                f"{path}: line {n}: field 'question' (a string) or 'turns' (a list of non-empty "
+                "strings) missing or empty"
+            )
+        t = turns_of(q)
+        if t in seen:
+            raise InputError(f"{path}: line {n}: question given twice (first at line {seen[t]})")
+        seen[t] = n
         tiers.setdefault(tier, []).append(q)
     if not tiers:
         raise InputError(f"{path}: no questions")
@@ -543,6 +639,10 @@ def input_files(spec: Spec) -> list[tuple[str, Path]]:
         if src.path is not None:
             files.append((f"data.sources.{i}.path", src.path))
     files += [(f"distill.{n}.prompts", d.prompts) for n, d in spec.distill.items()]
+    for n, g in spec.generate.items():
+        if g.universe is not None:
+            files.append((f"generate.{n}.universe", g.universe))
+        files += [(f"generate.{n}.steps.{i}.template", s.template) for i, s in enumerate(g.steps)]
     files.append(("judge.rubric", spec.judge.rubric))
     return files
 
@@ -558,7 +658,7 @@ def load_spec(path: Path) -> Spec:
     if missing:
         raise InputError(f"{path}: {len(missing)} files not found: {'; '.join(missing)}")
     if spec.eval.questions is not None:
-        tiers = _load_questions(spec.eval.questions)
+        tiers = load_questions(spec.eval.questions)
         spec = spec.model_copy(
             update={"eval": spec.eval.model_copy(update={"tiers": tiers})}, deep=True
         )

@@ -348,6 +348,11 @@ ALTERNATIVES: dict[str, tuple[object, str]] = {
     "report.format_regex": ("^<START>.*<END>$", "param"),
     "report.gaps": (None, "skip"),  # needs conditions: test_report_conditions
     "sweep": ({"training.seed": [1, 2]}, "param"),  # the single experiment becomes points
+    # issue 10: generated data and evals, property judges
+    "generate": (None, "skip"),  # new stages; their keys' partition: test_generate
+    "data.generate": (None, "skip"),  # replaces data.docs: test_generate
+    "eval.generate": (None, "skip"),  # replaces eval.tiers: test_generate
+    "judge.properties": ({"warm": "warm in tone"}, "param"),
 }
 
 

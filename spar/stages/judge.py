@@ -195,7 +195,7 @@ class JudgeStage(StageKind[JudgeParams, JudgeOptions]):
             concurrency=j.concurrency,
             batch=j.batch,
             max_calls=j.max_calls,
-            expected_answers=len(spec.questions()) * spec.eval.samples_per_question,
+            expected_answers=spec.question_count() * spec.eval.samples_per_question,
             answer_chars=4 * spec.eval.sampling.max_tokens * (2 if j.mode == "pairwise" else 1),
         )
         rubric = {"judge.rubric": InputFile(j.rubric)}

@@ -76,7 +76,7 @@ def report_params(spec: Spec) -> ReportParams:
         mode=spec.judge.mode,
         scale_min=spec.judge.scale.min,
         scale_max=spec.judge.scale.max,
-        tiers=tuple(dict.fromkeys(q.tier for q in spec.questions())),
+        tiers=tuple(spec.tier_order()),
         exhibits_threshold=r.exhibits_threshold,
         bootstrap=r.bootstrap,
         conditions=tuple(name for name, _ in spec.eval.condition_items()),
