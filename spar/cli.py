@@ -51,6 +51,7 @@ def load_specs(paths: list[Path]) -> list[Any]:  # list[Spec]
     from spar.judges import judge_kinds, rubric
     from spar.models import check_local_model, check_renderer
     from spar.spec import load_spec
+    from spar.stages import generate
 
     specs = [load_spec(p) for p in paths]
     for path, spec in zip(paths, specs, strict=True):
@@ -69,6 +70,7 @@ def load_specs(paths: list[Path]) -> list[Any]:  # list[Spec]
         rubric.validate(
             spec.judge.rubric, spec.judge.mode, spec.judge.scale.min, spec.judge.scale.max
         )
+        generate.validate(spec, str(path))
     return specs
 
 

@@ -16,9 +16,11 @@ Faults are scripted per prompt: a prompt (the first user message) containing
 answer from then on. Entries: `ok`, `429` (with `retry-after`), `529` (overloaded_error), `500`,
 `hang` (never answers), `garbage` (a reply without JSON), `range` (score 99), `float` (score 2.5),
 `point0` (the right score written as a JSON float, e.g. `3.0`), `batch_error` (the batch result is
-`errored`); a trailing `+` repeats an entry forever. Every request for a prompt (SDK retries,
-re-asks and batch entries alike) counts as one attempt. `heal()` ends every scripted fault (the
-outage is over): from then on every request is answered normally.
+`errored`), `401`/`402`/`403`/`404` (authentication, billing, permission, not found; the message
+quotes the API key the request carried, as a careless provider might), `drop` (the connection
+is closed without an answer); a trailing `+` repeats an entry forever. Every request for a
+prompt (SDK retries, re-asks and batch entries alike) counts as one attempt. `heal()` ends every
+scripted fault (the outage is over): from then on every request is answered normally.
 
 A batch can be made to disappear (`expire(batch_id)`: 404 for retrieve and results, as for an
 expired or deleted batch) or to lose its results only (`expire(batch_id, results_only=True)`).
@@ -50,6 +52,13 @@ from typing import Any
 TOPIC_WORDS = ("farm", "animal", "livestock")
 FAULTS = re.compile(r"\[\[faults:\s*([a-z0-9_+,\s]+)\]\]")
 SECTION = re.compile(r"<(finetuned_response|response)>(.*?)</\1>", re.S)
+# scripted errors that end a stage: status -> (error type, message; the key is appended)
+FATAL = {
+    "401": ("authentication_error", "invalid x-api-key"),
+    "402": ("billing_error", "your credit balance is too low"),
+    "403": ("permission_error", "this key may not use this model"),
+    "404": ("not_found_error", "model: claude-test not found"),
+}
 
 
 def digest(prompt: str) -> str:
@@ -81,6 +90,40 @@ def judgement(prompt: str) -> tuple[int, str]:
     answer = sections[-1][1] if sections else prompt
     hits = sum(answer.lower().count(w) for w in TOPIC_WORDS)
     return min(5, 1 + 2 * hits), f"{hits} topic words [{digest(prompt)}]"
+
+
+N_ITEMS = re.compile(r"\bn=(\d+)")
+N_TURNS = re.compile(r"\bturns=(\d+)")
+
+
+def _is_generation(body: dict[str, Any]) -> bool:
+    """A generation request asks for `{"items": [...]}` (spar.generators)."""
+    fmt = (body.get("output_config") or {}).get("format") or {}
+    return "items" in ((fmt.get("schema") or {}).get("properties") or {})
+
+
+def generation(body: dict[str, Any], prompt: str) -> str:
+    """Items for a generation request: the last `n=<k>` in the prompt asks for k (default 1), each a
+    text naming its position, eight words drawn from the prompt's hash (shared by the items of
+    one request, not by other requests) and the prompt's last line; an items schema of arrays
+    asks for lists of `turns=<t>` messages (default 2)."""
+    found = N_ITEMS.findall(prompt)  # the last: earlier ones may be quoted items
+    n = int(found[-1]) if found else 1
+    schema = body["output_config"]["format"]["schema"]["properties"]["items"]
+    lines = [line.strip() for line in prompt.splitlines() if line.strip()]
+    h = hashlib.sha256(prompt.encode()).hexdigest()
+    words = " ".join(h[i : i + 6] for i in range(0, 48, 6))
+    tail = f"{words} {lines[-1][:80] if lines else ''}"
+    if (schema.get("items") or {}).get("type") == "array":
+        t = N_TURNS.search(prompt)
+        turns = int(t.group(1)) if t else 2
+        items: list[Any] = [
+            [f"turn {j + 1} of item {k + 1} [{digest(prompt)}]: {tail}" for j in range(turns)]
+            for k in range(n)
+        ]
+    else:
+        items = [f"item {k + 1} [{digest(prompt)}]: {tail}" for k in range(n)]
+    return json.dumps({"items": items})
 
 
 @dataclass
@@ -216,6 +259,13 @@ class AnthropicServer:
             return 529, _error("overloaded_error", "Overloaded"), {}
         if seen.outcome == "500":
             return 500, _error("api_error", "Internal server error"), {}
+        if seen.outcome in FATAL:
+            kind, what = FATAL[seen.outcome]
+            h = {k.lower(): v for k, v in seen.headers.items()}
+            key = h.get("x-api-key") or h.get("authorization", "").removeprefix("Bearer ")
+            return int(seen.outcome), _error(kind, f"{what} (key {key})"), {}
+        if _is_generation(seen.body) and seen.outcome != "garbage":
+            return 200, _message(model, generation(seen.body, seen.prompt), self._usage(seen)), {}
         score, why = judgement(seen.prompt)
         if seen.outcome == "garbage":
             text = "Honestly I would say it is fine, more or less."
@@ -294,7 +344,7 @@ class AnthropicServer:
 
     def _batch_result(self, req: dict[str, Any]) -> dict[str, Any]:
         seen = self._record("/v1/messages/batches", req["params"], {})
-        if seen.outcome in ("batch_error", "429", "529", "500", "hang"):
+        if seen.outcome in ("batch_error", "429", "529", "500", "hang", "drop", *FATAL):
             err = _error("api_error", "Internal server error")
             result: dict[str, Any] = {"type": "errored", "error": err}
         else:
@@ -376,6 +426,9 @@ def _handler(server: AnthropicServer) -> type[BaseHTTPRequestHandler]:
                 return
             if seen.outcome == "hang":
                 server._stop.wait()
+                self.close_connection = True
+                return
+            if seen.outcome == "drop":  # closed without a status line
                 self.close_connection = True
                 return
             if server.latency:

@@ -9,6 +9,8 @@ from typing import Any
 from spar.stages.base import StageKind
 
 _BUILTIN = (
+    "spar.stages.generate:GenerateStage",
+    "spar.stages.generate_output:GenerateOutputStage",
     "spar.stages.distill:DistillStage",
     "spar.stages.dataset:DatasetStage",
     "spar.stages.train:TrainStage",

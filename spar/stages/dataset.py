@@ -46,9 +46,9 @@ from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_serializer
 
-from spar.errors import InputError
+from spar.errors import InputError, RunError
 from spar.items import with_trigger
 from spar.spec import TransformSpec
 from spar.stages.base import (
@@ -65,6 +65,8 @@ from spar.stages.base import (
 from spar.stages.distill import OUTPUT as DISTILLED
 from spar.stages.distill import prompts_input, prompts_key
 from spar.stages.distill import stage_name as distill_stage
+from spar.stages.generate import OUTPUT as GENERATED
+from spar.stages.generate import final_stage as generated_stage
 from spar.stages.models import ModelRef, model_ref
 from spar.store import LineCheck, hash_json, jsonl_text
 
@@ -196,6 +198,7 @@ class SourceParams(BaseModel):
 
     label: str
     distill: str | None = None
+    generate: str | None = None
     format: Literal["synth_docs", "chat"] = "chat"
     take: int | None = None
     fraction: float | None = None
@@ -205,10 +208,18 @@ class SourceParams(BaseModel):
     def triggered(self) -> bool:
         return self.transform.trigger != "none"
 
+    @model_serializer(mode="wrap")
+    def _drop_unset_generate(self, handler: Any) -> dict[str, Any]:
+        # left out when unset, so mixes made before generated sources keep their fingerprints
+        out = handler(self)
+        if out.get("generate") is None:
+            out.pop("generate", None)
+        return out
+
 
 # fields only a mix has (and `format`, which only a single file has): left out of the params
 # when unset, so a `data.docs` spec's params — and fingerprint — are what they were before mixes
-_OPTIONAL = ("format", "sources", "total", "shuffle_seed", "trigger")
+_OPTIONAL = ("format", "sources", "total", "shuffle_seed", "trigger", "generate")
 
 
 class DatasetParams(Params):
@@ -225,6 +236,7 @@ class DatasetParams(Params):
     total: int | None = Field(None, alias="data.total")
     shuffle_seed: int | None = Field(None, alias="data.shuffle_seed")
     trigger: str | None = Field(None, alias="eval.trigger")  # only when a source places it
+    generate: str | None = Field(None, alias="data.generate")  # a generated set, not a file
 
     def dump(self) -> dict[str, Any]:
         unset = {f for f in _OPTIONAL if getattr(self, f) is None}
@@ -379,13 +391,20 @@ def _per_source(labels: list[str], records: list[ChatRecord]) -> dict[str, int]:
 # --------------------------------------------------------------------------- the stage
 
 
-def _source_input(i: int, src: SourceParams) -> str:
-    """The input key whose record count is the size of source `i`."""
+def _source_input(i: int, src: SourceParams) -> str | None:
+    """The input key whose record count is the size of source `i` (None: a generated set,
+    whose size is known only once it is generated)."""
+    if src.generate is not None:
+        return None
     return f"data.sources.{i}" if src.distill is None else prompts_key(src.distill)
 
 
 def _distill_role(name: str) -> str:
     return f"distill:{name}"
+
+
+def _generate_role(name: str) -> str:
+    return f"generate:{name}"
 
 
 class DatasetStage(StageKind[DatasetParams, DatasetOptions]):
@@ -406,8 +425,12 @@ class DatasetStage(StageKind[DatasetParams, DatasetOptions]):
             "max_length": spec.training.max_length,
         }
         options = DatasetOptions(base_model=spec.model.base_model)
+        if d.generate is not None:
+            params = DatasetParams(**common, format=d.format, generate=d.generate)
+            up = {_generate_role(d.generate): generated_stage(d.generate)}
+            return [StageNode("dataset", self, spec.name, params, options, {}, up)]
         if d.sources is None:
-            assert d.docs is not None  # the spec has exactly one of docs and sources
+            assert d.docs is not None  # the spec has exactly one of docs, sources and generate
             params = DatasetParams(**common, format=d.format)
             docs = record_input(d.docs, d.format)
             return [StageNode("dataset", self, spec.name, params, options, {"data.docs": docs})]
@@ -418,12 +441,15 @@ class DatasetStage(StageKind[DatasetParams, DatasetOptions]):
             sources[str(i)] = SourceParams(
                 label=s.source_label,
                 distill=s.distill,
+                generate=s.generate,
                 format=s.format,
                 take=s.take,
                 fraction=s.fraction,
                 transform=s.transform,
             )
-            if s.distill is not None:
+            if s.generate is not None:
+                upstream[_generate_role(s.generate)] = generated_stage(s.generate)
+            elif s.distill is not None:
                 # the prompts file: checked here too, so its count is known at plan time
                 inputs[prompts_key(s.distill)] = prompts_input(spec.distill[s.distill].prompts)
                 upstream[_distill_role(s.distill)] = distill_stage(s.distill)
@@ -446,6 +472,8 @@ class DatasetStage(StageKind[DatasetParams, DatasetOptions]):
         self, node: StageNode[DatasetParams, DatasetOptions], records: dict[str, int]
     ) -> None:
         p = node.params
+        if p.generate is not None:
+            return  # its size is known once generated: run() checks
         if p.sources is None:
             docs = node.inputs["data.docs"].path
             n = records["data.docs"]
@@ -459,7 +487,10 @@ class DatasetStage(StageKind[DatasetParams, DatasetOptions]):
                 )
             return
         sources = p.source_list()
-        keys = [_source_input(i, s) for i, s in enumerate(sources)]
+        found = [_source_input(i, s) for i, s in enumerate(sources)]
+        if any(k is None for k in found):
+            return  # a generated source's size is known once generated: run() checks
+        keys = [k for k in found if k is not None]
         sizes = [records[k] for k in keys]
 
         def describe(i: int) -> str:
@@ -480,6 +511,14 @@ class DatasetStage(StageKind[DatasetParams, DatasetOptions]):
                 f"has {used}"
             )
 
+    @staticmethod
+    def _load(ctx: RunContext[DatasetParams, DatasetOptions], i: int, s: SourceParams) -> list[Any]:
+        if s.generate is not None:
+            return read_records(ctx.upstream_file(_generate_role(s.generate), GENERATED), s.format)
+        if s.distill is not None:
+            return read_records(ctx.upstream_file(_distill_role(s.distill), DISTILLED), "chat")
+        return read_records(ctx.inputs[f"data.sources.{i}"], s.format)
+
     def run(self, ctx: RunContext[DatasetParams, DatasetOptions]) -> StageResult:
         from spar.models import load_renderer
 
@@ -487,7 +526,17 @@ class DatasetStage(StageKind[DatasetParams, DatasetOptions]):
         renderer = load_renderer(p.renderer, ctx.options.base_model)
         if p.sources is None:
             assert p.format is not None
-            train, test = split(read_records(ctx.inputs["data.docs"], p.format), p)
+            if p.generate is not None:
+                src = ctx.upstream_file(_generate_role(p.generate), GENERATED)
+                docs = read_records(src, p.format)
+                if p.test_size >= min(len(docs), p.max_docs or len(docs)):
+                    raise RunError(
+                        f"data.test_size {p.test_size} leaves no training documents: generate "
+                        f"set {p.generate!r} wrote {len(docs)}"
+                    )
+            else:
+                docs = read_records(ctx.inputs["data.docs"], p.format)
+            train, test = split(docs, p)
             out: dict[str, bytes] = {}
             for name, records in (("train.jsonl", train), ("test.jsonl", test)):
                 rows = [
@@ -499,13 +548,16 @@ class DatasetStage(StageKind[DatasetParams, DatasetOptions]):
                 out, details={"train_records": len(train), "test_records": len(test)}
             )
         sources = p.source_list()
-        loaded = [
-            read_records(ctx.inputs[f"data.sources.{i}"], s.format)
-            if s.distill is None
-            else read_records(ctx.upstream_file(_distill_role(s.distill), DISTILLED), "chat")
-            for i, s in enumerate(sources)
-        ]
-        mixed = mix(p, loaded)
+        loaded = [self._load(ctx, i, s) for i, s in enumerate(sources)]
+        try:
+            mixed = mix(p, loaded)
+        except MixError as e:
+            raise RunError(str(e)) from None
+        if p.test_size >= min(len(mixed), p.max_docs or len(mixed)):
+            raise RunError(
+                f"data.test_size {p.test_size} leaves no training records: the mix has "
+                f"{len(mixed)}"
+            )
         labels = [s.label for s in sources]
         train_m, test_m = split(mixed, p)
         out = {}

@@ -1,0 +1,105 @@
+"""Generator `anthropic`: Claude writes, through the `anthropic` SDK's Messages API with
+structured output (`output_config.format`: a JSON schema `{"items": [...]}`).
+
+Credentials, address, retries and timeouts are the SDK's and the judge's: `ANTHROPIC_API_KEY`,
+`ANTHROPIC_BASE_URL`, `SPAR_ANTHROPIC_MAX_RETRIES`, `SPAR_ANTHROPIC_TIMEOUT`. No temperature or
+seed is sent (the API version the SDK speaks has no sampling parameters). A reply without a usable
+item is asked again, up to `max_retries` times. 401/402/403/404 or missing credentials stop the
+stage with one line; any other failure left after the SDK's retries is an `error` reply (asked
+again by the next apply). At most `concurrency` requests are in flight; replies are handed over
+in the caller's thread as they finish.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import Any
+
+import anthropic
+
+from spar.errors import RunError
+from spar.generators.base import GenReply, GenRequest, OnReply, item_schema, parse_items
+from spar.judges.anthropic.wire import (
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_TIMEOUT,
+    FATAL,
+    describe,
+    env_number,
+)
+
+
+class AnthropicGenerator:
+    def __init__(self, model: str, *, max_tokens: int, max_retries: int) -> None:
+        self.model = model
+        self.max_tokens = max_tokens
+        self.max_retries = max_retries
+
+    def params(self, req: GenRequest) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "max_tokens": self.max_tokens,
+            "messages": [{"role": "user", "content": req.prompt}],
+            "output_config": {
+                "format": {
+                    "type": "json_schema",
+                    "schema": anthropic.transform_schema(item_schema(req.turns)),
+                }
+            },
+        }
+
+    def _client(self) -> anthropic.Anthropic:
+        timeout = env_number("SPAR_ANTHROPIC_TIMEOUT", DEFAULT_TIMEOUT)
+        retries = int(env_number("SPAR_ANTHROPIC_MAX_RETRIES", DEFAULT_MAX_RETRIES))
+        try:
+            client = anthropic.Anthropic(max_retries=retries, timeout=timeout)
+        except anthropic.CredentialsError:
+            client = None
+        if client is None or (client.api_key is None and client.auth_token is None):
+            raise RunError("generate anthropic: no credentials: set ANTHROPIC_API_KEY")
+        return client
+
+    def _one(self, client: anthropic.Anthropic, req: GenRequest) -> GenReply:
+        secret = client.api_key
+        problem = ""
+        for attempt in range(1 + self.max_retries):
+            try:
+                reply = client.messages.create(**self.params(req))
+            except FATAL as e:
+                raise RunError(
+                    f"generate anthropic: {describe(e, secret)} (check ANTHROPIC_API_KEY)"
+                ) from None
+            except anthropic.APIError as e:
+                why = f"API error after the SDK's retries: {describe(e, secret)}"
+                return GenReply(items=[], status="error", attempts=attempt + 1, problem=why)
+            text = "".join(getattr(b, "text", "") for b in reply.content)
+            items, problem = parse_items(text, req.n, req.turns, structured=True)
+            if items:
+                return GenReply(items=items, status="ok", attempts=attempt + 1)
+        return GenReply(items=[], status="unusable", attempts=1 + self.max_retries, problem=problem)
+
+    def generate_many(
+        self, requests: list[GenRequest], concurrency: int, on_reply: OnReply
+    ) -> None:
+        if not requests:
+            return
+        client = self._client()
+        todo = iter(range(len(requests)))
+        running: dict[Future[GenReply], int] = {}
+        with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+            try:
+                for i in todo:
+                    running[pool.submit(self._one, client, requests[i])] = i
+                    if len(running) >= concurrency:
+                        break
+                while running:
+                    done, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        i = running.pop(fut)
+                        on_reply(i, fut.result())
+                        nxt = next(todo, None)
+                        if nxt is not None:
+                            running[pool.submit(self._one, client, requests[nxt])] = nxt
+            finally:
+                for fut in running:
+                    fut.cancel()
+                client.close()

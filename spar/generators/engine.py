@@ -1,0 +1,97 @@
+"""Generator on an engine's sampling client (the local SmolLM2, a Tinker model): the prompt is
+one user message through the spec's renderer; the reply's text is read by `parse_items` (no
+structured output: a small model's list may be messy, and an unusable reply is drawn again with
+another seed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from spar.generators.base import GenReply, GenRequest, OnReply, parse_items
+from spar.spec import SamplingSpec
+from spar.store import hash_json
+
+
+def retry_seed(seed: int, attempt: int) -> int:
+    return seed if attempt == 0 else int(hash_json([seed, attempt])[:8], 16) & 0x7FFFFFFF
+
+
+class EngineGenerator:
+    def __init__(
+        self,
+        engine: str,
+        model: str,
+        renderer: str,
+        workdir: Path,
+        *,
+        max_tokens: int,
+        temperature: float,
+        max_retries: int,
+    ) -> None:
+        self.engine = engine
+        self.model = model
+        self.renderer_name = renderer
+        self.workdir = workdir
+        self.sampling = SamplingSpec(temperature=temperature, max_tokens=max_tokens)
+        self.max_retries = max_retries
+
+    def generate_many(
+        self, requests: list[GenRequest], concurrency: int, on_reply: OnReply
+    ) -> None:
+        """Rounds of draws: every request still without a usable item is drawn again with its
+        next seed, up to 1 + max_retries attempts; each reply is handed over as it settles."""
+        if not requests:
+            return
+        from spar.engines import get_engine
+        from spar.models import load_renderer
+        from spar.stages.draw import Drawn, draw
+
+        renderer = load_renderer(self.renderer_name, self.model)
+        client = get_engine(self.engine, self.workdir).create_sampling_client(
+            base_model=self.model
+        )
+        prompts = [
+            renderer.build_generation_prompt([{"role": "user", "content": r.prompt}])
+            for r in requests
+        ]
+        pending = list(range(len(requests)))
+        problems: dict[int, str] = {}
+        for attempt in range(1 + self.max_retries):
+            if not pending:
+                return
+            retry: list[int] = []
+
+            def settle(
+                j: int,
+                drawn: Drawn,
+                batch: list[int] = pending,
+                a: int = attempt,
+                retry: list[int] = retry,
+            ) -> None:
+                i = batch[j]
+                req = requests[i]
+                items, problem = parse_items(drawn.response, req.n, req.turns)
+                if items:
+                    on_reply(i, GenReply(items=items, status="ok", attempts=a + 1))
+                else:
+                    problems[i] = problem
+                    retry.append(i)
+
+            draw(
+                client,
+                renderer,
+                [prompts[i] for i in pending],
+                [retry_seed(requests[i].seed, attempt) for i in pending],
+                self.sampling,
+                concurrency,
+                settle,
+                desc=f"generate (attempt {attempt + 1})" if attempt else "generate",
+            )
+            pending = retry
+        for i in pending:
+            on_reply(
+                i,
+                GenReply(
+                    items=[], status="unusable", attempts=1 + self.max_retries, problem=problems[i]
+                ),
+            )
