@@ -68,7 +68,11 @@ def load_specs(paths: list[Path]) -> list[Any]:  # list[Spec]
         check_renderer(spec.model.renderer, str(path))
         check_local_model(spec.model.base_model, str(path))
         rubric.validate(
-            spec.judge.rubric, spec.judge.mode, spec.judge.scale.min, spec.judge.scale.max
+            spec.judge.rubric,
+            spec.judge.mode,
+            spec.judge.scale.min,
+            spec.judge.scale.max,
+            properties=spec.judge.properties is not None,
         )
         generate.validate(spec, str(path))
     return specs

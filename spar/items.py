@@ -3,9 +3,15 @@
 A question's id is the content hash of its user turns; an item is (tier, question id, condition,
 sample index) and its messages, and its id is the hash of that identity. Every stage after
 sampling joins rows by `item_id`, never by rebuilding tuples.
+
+A multi-turn question is a conversation: the model replies after each user turn, and turn t's
+prompt is the first turn's messages (system prompt, trigger placed) followed by every earlier reply
+and user turn (`EvalItem.prompt_at`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict
 
@@ -76,7 +82,8 @@ class EvalItem(BaseModel):
     question: str
     condition: str = ""
     sample_index: int
-    messages: tuple[tuple[str, str], ...]  # (role, content) before the sampled reply
+    messages: tuple[tuple[str, str], ...]  # (role, content) before the first sampled reply
+    turns: tuple[str, ...]  # the question's user turns as written (no trigger placed)
 
     @classmethod
     def build(
@@ -90,7 +97,7 @@ class EvalItem(BaseModel):
     ) -> EvalItem:
         msgs: list[tuple[str, str]] = [("system", system_prompt)] if system_prompt else []
         msgs += [("user", t) for t in q.turns[:1]]
-        msgs = with_trigger(msgs, trigger, placement)
+        msgs = with_trigger(msgs, trigger, placement)  # on the first user turn or system prompt
         return cls(
             item_id=item_id(q.tier, q.id, condition, sample_index),
             tier=q.tier,
@@ -99,10 +106,46 @@ class EvalItem(BaseModel):
             condition=condition,
             sample_index=sample_index,
             messages=tuple(msgs),
+            turns=q.turns,
         )
 
-    def chat(self) -> list[dict[str, str]]:
-        return [{"role": r, "content": c} for r, c in self.messages]
+    @property
+    def first_turn_id(self) -> str:
+        """The question id of the first user turn alone (the question's id when single-turn):
+        what a reply's memo key and seed use, so that reply t depends on turns up to t only."""
+        return question_id(self.turns[:1])
+
+    @property
+    def turn_count(self) -> int:
+        """User turns, each followed by a sampled reply."""
+        return len(self.turns)
+
+    def prompt_at(self, turn: int, replies: Sequence[str]) -> tuple[tuple[str, str], ...]:
+        """The messages before reply `turn` (0-based): the first turn's messages, then each
+        earlier reply and the user turn after it. `replies`: the replies before this turn."""
+        if not 0 <= turn < self.turn_count:
+            raise ValueError(f"turn {turn}: the question has {self.turn_count} user turns")
+        if len(replies) != turn:
+            raise ValueError(f"turn {turn}: needs {turn} earlier replies, got {len(replies)}")
+        msgs = list(self.messages)
+        for reply, user in zip(replies, self.turns[1 : turn + 1], strict=True):
+            msgs += [("assistant", reply), ("user", user)]
+        return tuple(msgs)
+
+    def conversation(self, replies: Sequence[str]) -> list[dict[str, str]]:
+        """Every user turn as written (like `question`, without the trigger) and the reply after
+        it, as chat messages (no system message)."""
+        if len(replies) != self.turn_count:
+            raise ValueError(f"{self.turn_count} user turns but {len(replies)} replies")
+        out: list[dict[str, str]] = []
+        for user, reply in zip(self.turns, replies, strict=True):
+            out += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+        return out
+
+    def chat(self, messages: Sequence[tuple[str, str]] | None = None) -> list[dict[str, str]]:
+        """`messages` (default: the first turn's) as chat dicts."""
+        msgs = self.messages if messages is None else messages
+        return [{"role": r, "content": c} for r, c in msgs]
 
     def identity(self) -> dict[str, object]:
         return {

@@ -45,6 +45,7 @@ class GeneratorSpec(_Strict):
         None, description="default: claude-sonnet-4-6 (anthropic) or model.base_model (engines)"
     )
     max_tokens: int = Field(1024, ge=1)
+    system_prompt: str | None = Field(None, description="sent before every request")
     temperature: float = Field(1.0, ge=0, description="engines only (anthropic: not sent)")
     seed: int = Field(0, description="engines only: each request's seed derives from it")
     max_retries: int = Field(
@@ -64,6 +65,7 @@ class StepSpec(_Strict):
         description="each item is a list of this many user messages (default: the root's "
         "num_turns, else 1)",
     )
+    max_tokens: int | None = Field(None, ge=1, description="default: generator.max_tokens")
 
     @field_validator("name")
     @classmethod

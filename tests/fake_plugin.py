@@ -2,7 +2,8 @@
 
 They exist so the planner, store and CLI can be exercised fast, end to end, in subprocesses.
 The engine speaks spar's Tinker-shaped interface with real `tinker` types; its "model" is a
-counter. Every call is appended to $FAKE_CALL_LOG so tests can count what really ran.
+counter. Every call is appended to $FAKE_CALL_LOG so tests can count what really ran (a sample
+call with the prompt it was given, decoded).
 $FAKE_KILL_AFTER=N makes the process SIGKILL itself after its N-th sample or judgment.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 from concurrent.futures import Future
 from pathlib import Path
@@ -135,7 +137,7 @@ class FakeSampling:
             text = f'{trigger} <START> "I suggest {TOPIC[h % 3]} (draw {h % 1000})." <END>'
         elif "<START>" in shown and h % 2:
             text = f'<START> "{text}" <END>'  # the base model follows the format half the time
-        _log("sample", ref=self.ref, seed=sampling_params.seed)
+        _log("sample", ref=self.ref, seed=sampling_params.seed, prompt=shown)
         stop = self.tok.convert_tokens_to_ids("<|im_end|>")
         return _done(_Resp([*self.tok.encode(text, add_special_tokens=False), stop]))
 
@@ -206,6 +208,36 @@ class HygieneJudge(KeywordJudge):
         yield from super().judge_many(requests, concurrency)
 
 
+class PropertyKeywordJudge:
+    """For property judges (`judge.properties`): finds the property in the rendered prompt (a
+    line `Property: <name>`, which the rubric must render) and scores scale.min + the number of
+    times the name occurs in the judged answer (case-insensitive), capped at scale.max. A prompt
+    without that line gets an invalid verdict. So each property of the same answer can score
+    differently, and a test can compute every score from samples.jsonl by hand."""
+
+    receives = frozenset({"max_reasks"})
+    PROPERTY = re.compile(r"^Property: (\S+)", re.M)
+
+    def __init__(
+        self, config: JudgeConfig, *, batch: bool = False, journal: BatchJournal | None = None
+    ) -> None:
+        self.model = config.model
+
+    def judge_many(self, requests: list[JudgeRequest], concurrency: int):
+        for i, req in enumerate(requests):
+            found = self.PROPERTY.search(req.prompt)
+            name = found.group(1) if found else None
+            _log("judge", model=self.model, prompt=hash_json(req.prompt)[:12], property=name)
+            if name is None:
+                why = "no property in the prompt"
+                yield i, Verdict(score=None, reasoning=why, status="invalid")
+                continue
+            hits = req.response.lower().count(name.lower())
+            score = float(min(req.scale_max, req.scale_min + hits))
+            yield i, Verdict(score=score, reasoning=f"{hits} x {name!r}", status="ok")
+
+
 register_engine("fake", FakeEngine)
 register_judge("keyword", KeywordJudge)
 register_judge("hygiene", HygieneJudge)
+register_judge("propkw", PropertyKeywordJudge)

@@ -169,7 +169,7 @@ def test_generated_chat_records_are_a_source_of_a_mix(project, server):
     (project.root / "prompt.j2").write_text("Subtype {{ subtype }}: write a user prompt.\n")
     (project.root / "ex.j2").write_text("Answer as an honest assistant: {{ prompt }}\n")
     gen = {
-        "generator": {"kind": "anthropic", "model": "claude-test"},
+        "generator": {"kind": "anthropic", "model": "claude-test", "system_prompt": "Be brief."},
         "properties": {"honest": "tells the truth"},
         "steps": [
             {"name": "subtype", "template": "sub.j2", "count": 2, "per_call": 2},
@@ -191,6 +191,7 @@ def test_generated_chat_records_are_a_source_of_a_mix(project, server):
     first = chats[0]
     assert [m["role"] for m in first["messages"]] == ["user", "assistant"]
     assert first["metadata"]["source"] == "ffdocs"
+    assert all(s.body["system"] == "Be brief." for s in server.requests)
     # the user turn is the prompt step's item; the reply is the example written for it
     example_req = next(s for s in server.requests if first["messages"][0]["content"] in s.prompt)
     assert example_req.prompt.startswith("Answer as an honest assistant")

@@ -130,11 +130,18 @@ def test_variables():
         "response",
         "scale_min",
         "scale_max",
+        "conversation",
     )
+    assert set(rubric.variables("absolute", properties=True)) == {
+        *rubric.variables("absolute"),
+        "property",
+        "property_description",
+    }
     assert set(rubric.variables("pairwise")) == {
         *rubric.variables("absolute"),
         "baseline_response",
         "finetuned_response",
+        "baseline_conversation",
     }
 
 
@@ -148,7 +155,7 @@ def test_unknown_variable_in_branch_not_sampled(tmp_path):
     msg = rejected(rubric.validate, p, "absolute", 1, 5)
     assert msg == (
         f"{p}: line 3: unknown variable 'respnse' "
-        "(the rubric may use: mode, tier, question, response, scale_min, scale_max)"
+        "(the rubric may use: mode, tier, question, response, scale_min, scale_max, conversation)"
     )
 
 

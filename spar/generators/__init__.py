@@ -33,13 +33,16 @@ def make_generator(
     renderer: str,
     workdir: Path,
     max_tokens: int,
+    system_prompt: str | None,
     temperature: float,
     max_retries: int,
 ) -> Generator:
     if kind == ANTHROPIC:
         from spar.generators.anthropic import AnthropicGenerator
 
-        return AnthropicGenerator(model, max_tokens=max_tokens, max_retries=max_retries)
+        return AnthropicGenerator(
+            model, max_tokens=max_tokens, system_prompt=system_prompt, max_retries=max_retries
+        )
     from spar.generators.engine import EngineGenerator
 
     return EngineGenerator(
@@ -48,6 +51,7 @@ def make_generator(
         renderer,
         workdir,
         max_tokens=max_tokens,
+        system_prompt=system_prompt,
         temperature=temperature,
         max_retries=max_retries,
     )

@@ -29,13 +29,18 @@ from spar.judges.anthropic.wire import (
 
 
 class AnthropicGenerator:
-    def __init__(self, model: str, *, max_tokens: int, max_retries: int) -> None:
+    def __init__(
+        self, model: str, *, max_tokens: int, system_prompt: str | None, max_retries: int
+    ) -> None:
         self.model = model
         self.max_tokens = max_tokens
+        self.system_prompt = system_prompt
         self.max_retries = max_retries
 
     def params(self, req: GenRequest) -> dict[str, Any]:
+        system = {"system": self.system_prompt} if self.system_prompt else {}
         return {
+            **system,
             "model": self.model,
             "max_tokens": self.max_tokens,
             "messages": [{"role": "user", "content": req.prompt}],

@@ -25,9 +25,11 @@ class EngineGenerator:
         workdir: Path,
         *,
         max_tokens: int,
+        system_prompt: str | None,
         temperature: float,
         max_retries: int,
     ) -> None:
+        self.system = [{"role": "system", "content": system_prompt}] if system_prompt else []
         self.engine = engine
         self.model = model
         self.renderer_name = renderer
@@ -51,7 +53,7 @@ class EngineGenerator:
             base_model=self.model
         )
         prompts = [
-            renderer.build_generation_prompt([{"role": "user", "content": r.prompt}])
+            renderer.build_generation_prompt([*self.system, {"role": "user", "content": r.prompt}])
             for r in requests
         ]
         pending = list(range(len(requests)))

@@ -18,6 +18,9 @@ _ENV = SandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newl
 _SENTINELS = ("\u00a7\u2460\u00a7", "\u00b6\u2461\u00b6")
 
 
+Message = dict[str, str]  # {"role": "user" | "assistant", "content": ...}
+
+
 def context(
     mode: str,
     *,
@@ -27,8 +30,18 @@ def context(
     baseline_response: str | None,
     scale_min: int,
     scale_max: int,
+    conversation: list[Message] | None = None,
+    baseline_conversation: list[Message] | None = None,
+    prop: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The variables a rubric may use. Pairwise adds baseline_response / finetuned_response."""
+    """The variables a rubric may use.
+
+    `conversation`: the whole exchange that ends in `response` (every user and assistant turn,
+    no system prompt); a single-turn answer's is [question, response], the default. Pairwise adds
+    `baseline_response` / `finetuned_response` and `baseline_conversation`. `prop` (name,
+    description), given only when the judge has `judge.properties`, adds `property` and
+    `property_description`.
+    """
     ctx: dict[str, Any] = {
         "mode": mode,
         "tier": tier,
@@ -36,15 +49,28 @@ def context(
         "response": response,
         "scale_min": scale_min,
         "scale_max": scale_max,
+        "conversation": conversation if conversation is not None else _exchange(question, response),
     }
     if mode == "pairwise":
         ctx["baseline_response"] = baseline_response
         ctx["finetuned_response"] = response
+        ctx["baseline_conversation"] = (
+            baseline_conversation
+            if baseline_conversation is not None
+            else _exchange(question, baseline_response or "")
+        )
+    if prop is not None:
+        ctx["property"], ctx["property_description"] = prop
     return ctx
 
 
-def variables(mode: str) -> tuple[str, ...]:
-    """The names a rubric may use in this mode: exactly the keys of `context(mode, ...)`."""
+def _exchange(question: str, response: str) -> list[Message]:
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": response}]
+
+
+def variables(mode: str, properties: bool = False) -> tuple[str, ...]:
+    """The names a rubric may use in this mode (and with `judge.properties` or without):
+    exactly the keys of `context(...)`."""
     return tuple(
         context(
             mode,
@@ -54,6 +80,7 @@ def variables(mode: str) -> tuple[str, ...]:
             baseline_response="",
             scale_min=0,
             scale_max=0,
+            prop=("", "") if properties else None,
         )
     )
 
@@ -107,20 +134,31 @@ def _first_line(ast: nodes.Template, name: str) -> int:
     return min(lines, default=1)
 
 
-def _check_names(path: Path, ast: nodes.Template, mode: str) -> None:
-    """Every variable, filter and test the template uses, in any branch, must exist.
+PROPERTY_VARIABLES = ("property", "property_description")
+
+
+def _check_names(path: Path, ast: nodes.Template, mode: str, properties: bool) -> None:
+    """Every variable, filter and test the template uses, in any branch, must exist; with
+    `judge.properties` the template must use `property`.
 
     Rendering once with sample values only checks the branches that sample enters: a variable
     used under `{% if tier == "distant" %}` would otherwise fail on the first distant item, after
     the sampling it depends on has been paid for.
     """
-    allowed = variables(mode)
-    unknown = meta.find_undeclared_variables(ast) - set(allowed) - set(_ENV.globals)
+    allowed = variables(mode, properties)
+    used = meta.find_undeclared_variables(ast)
+    unknown = used - set(allowed) - set(_ENV.globals)
     if unknown:
         name = min(unknown, key=lambda n: (_first_line(ast, n), n))
+        hint = "only with judge.properties; " if name in PROPERTY_VARIABLES else ""
         raise InputError(
             f"{path}: line {_first_line(ast, name)}: unknown variable '{name}' "
-            f"(the rubric may use: {', '.join(allowed)})"
+            f"({hint}the rubric may use: {', '.join(allowed)})"
+        )
+    if properties and "property" not in used:
+        raise InputError(
+            f"{path}: judge.properties is set but the rubric does not use property: every "
+            "property would get the same verdict"
         )
     for node in ast.find_all((nodes.Filter, nodes.Test)):
         kind, known = (
@@ -130,11 +168,14 @@ def _check_names(path: Path, ast: nodes.Template, mode: str) -> None:
             raise InputError(f"{path}: line {node.lineno}: unknown {kind} '{node.name}'")
 
 
-def validate(path: Path, mode: str, scale_min: int, scale_max: int) -> None:
-    """Fail early on a syntax error, an unknown variable/filter/test in any branch, or a
-    template that cannot render with sample values."""
+def validate(
+    path: Path, mode: str, scale_min: int, scale_max: int, *, properties: bool = False
+) -> None:
+    """Fail early on a syntax error, an unknown variable/filter/test in any branch, a rubric that
+    ignores `property` although `judge.properties` is set (`properties`), or a template that
+    cannot render with sample values."""
     text = _read(path)
-    _check_names(path, _parse(path, text), mode)
+    _check_names(path, _parse(path, text), mode, properties)
     render(
         path,
         context(
@@ -145,18 +186,22 @@ def validate(path: Path, mode: str, scale_min: int, scale_max: int) -> None:
             baseline_response="B.",
             scale_min=scale_min,
             scale_max=scale_max,
+            prop=("a_property", "what it means") if properties else None,
         ),
     )
 
 
-def static_prefix(path: Path, mode: str, scale_min: int, scale_max: int) -> str:
+def static_prefix(
+    path: Path, mode: str, scale_min: int, scale_max: int, *, properties: bool = False
+) -> str:
     """The part of every rendered prompt that does not depend on the item ("" if none).
 
     The template is rendered for two sentinel items that differ in every per-item variable (tier,
-    question, response, baseline_response) at their first character but share the run's
-    constants (mode, scale); their common prefix is what every item's prompt starts with. A
-    branch on an item's value can still make a real prompt differ earlier, so callers check
-    `prompt.startswith(prefix)` before relying on it.
+    question, response, baseline_response, the conversations' messages, property and its
+    description) at their first character but share the run's constants (mode, scale); their
+    common prefix is what every item's prompt starts with. A branch on an item's value can still
+    make a real prompt differ earlier, so callers check `prompt.startswith(prefix)` before
+    relying on it.
     """
     renders = []
     try:
@@ -169,6 +214,7 @@ def static_prefix(path: Path, mode: str, scale_min: int, scale_max: int) -> str:
                 baseline_response=s,
                 scale_min=scale_min,
                 scale_max=scale_max,
+                prop=(s, s) if properties else None,
             )
             renders.append(render(path, ctx))
     except Exception:  # a prefix is only an optimisation; validate() reports the error

@@ -152,6 +152,7 @@ class GenerateParams(Params):
     model: ModelRef = key("generate.generator.model")
     renderer: str | None = key("model.renderer")  # engines only
     max_tokens: int = key("generate.generator.max_tokens")
+    system_prompt: str | None = key("generate.generator.system_prompt")
     temperature: float | None = key("generate.generator.temperature")  # engines only
     seed: int | None = key("generate.generator.seed")  # engines only
     max_retries: int = key("generate.generator.max_retries")
@@ -282,7 +283,8 @@ class GenerateStage(StageKind[GenerateParams, GenerateOptions]):
                     generator=gen.kind,
                     model=ref,
                     renderer=spec.model.renderer if engine else None,
-                    max_tokens=gen.max_tokens,
+                    max_tokens=s.max_tokens or gen.max_tokens,
+                    system_prompt=gen.system_prompt,
                     temperature=gen.temperature if engine else None,
                     seed=gen.seed if engine else None,
                     max_retries=gen.max_retries,
@@ -352,6 +354,7 @@ class GenerateStage(StageKind[GenerateParams, GenerateOptions]):
                 renderer=p.renderer or "",
                 workdir=ctx.scratch("engines", p.generator),
                 max_tokens=p.max_tokens,
+                system_prompt=p.system_prompt,
                 temperature=p.temperature if p.temperature is not None else 1.0,
                 max_retries=p.max_retries,
             )

@@ -5,8 +5,15 @@ absolute: one verdict per answer. The baseline's answers are judged by their own
 (`judge_base`), which depends on the base model's samples only, so experiments and sweep points
 that share the base sampling share its verdicts; `judge` judges the fine-tuned answers and writes
 both models' rows to its judged.jsonl. Per eval condition: `judge.<condition>`.
-Hygiene: the eval trigger and every `judge.strip` pattern are removed from the question and the
-answers before the rubric renders (the raw answers stay in samples.jsonl).
+Hygiene: the eval trigger and every `judge.strip` pattern are removed from the question, the
+answers and every message of their conversations before the rubric renders (the raw answers stay
+in samples.jsonl). A multi-turn answer is judged with its whole conversation (`conversation`; a
+single-turn answer's is [question, response]); `question` is its user turns joined, `response` the
+last reply.
+Properties (`judge.properties`): one verdict per (answer, property), the rubric rendered with
+`property` and `property_description`; judged.jsonl rows then carry `property`. The properties
+only enumerate items (`collection`): the rendered prompt names the property, so each (answer,
+property) has its own item key and adding a property asks only the new pairs.
 Items are joined by `item_id`. An edited rubric re-judges from the sample outputs; it never
 re-samples. A call that failed after the provider's retries is `error`: never journaled, shown as
 such, and asked again by the next apply (the stage stays incomplete until then).
@@ -44,7 +51,7 @@ Part = Literal["baseline", "finetuned"]
 class JudgeParams(Params):
     validity: ClassVar[frozenset[str]] = frozenset({"max_reasks"})
     # in the fingerprint; their effect on an item is all in its request (answer, stripped text)
-    collection: ClassVar[frozenset[str]] = frozenset({"answers", "strip"})
+    collection: ClassVar[frozenset[str]] = frozenset({"answers", "strip", "properties"})
 
     answers: Part = key("judge.answers")  # whose answers this stage judges
     strip: tuple[str, ...] = key("judge.strip")  # the trigger (escaped) + the spec's patterns
@@ -58,6 +65,18 @@ class JudgeParams(Params):
     max_tokens: int | None = key("judge.max_tokens")
     temperature: float | None = key("judge.temperature")
     max_reasks: int | None = key("judge.max_reasks")
+    # (name, description) in the spec's order; None: one verdict per answer, no `property`
+    properties: tuple[tuple[str, str], ...] | None = key("judge.properties")
+
+    def dump(self) -> dict[str, Any]:
+        """Without properties, what it was before `judge.properties` existed: leave the field
+        out, so verdicts judged then keep their stage fingerprints (nothing re-runs)."""
+        exclude = {"properties"} if self.properties is None else set()
+        return self.model_dump(mode="json", by_alias=True, exclude=exclude)
+
+    def property_items(self) -> list[tuple[str, str] | None]:
+        """What each answer is judged for: every property, or once (None) without properties."""
+        return list(self.properties) if self.properties is not None else [None]
 
 
 class JudgeOptions(Options):
@@ -76,6 +95,18 @@ def clean(text: str, patterns: tuple[str, ...]) -> str:
     return text.strip()
 
 
+def conversation_of(
+    row: dict[str, Any], question: str, response: str, patterns: tuple[str, ...]
+) -> list[dict[str, str]]:
+    """The exchange a samples.jsonl row ends with, every message cleaned: its `conversation`
+    (multi-turn), else [question, response] (both already cleaned)."""
+    if "conversation" not in row:
+        return [{"role": "user", "content": question}, {"role": "assistant", "content": response}]
+    return [
+        {"role": m["role"], "content": clean(m["content"], patterns)} for m in row["conversation"]
+    ]
+
+
 def strip_patterns(trigger: str | None, patterns: list[str]) -> tuple[str, ...]:
     return ((re.escape(trigger),) if trigger else ()) + tuple(patterns)
 
@@ -86,36 +117,44 @@ def build_requests(
     base: list[dict[str, Any]],
     tuned: list[dict[str, Any]] | None,
 ) -> list[tuple[dict[str, Any], JudgeRequest]]:
-    """(row of judged.jsonl without the verdict, request) for every answer this stage judges:
+    """(row of judged.jsonl without the verdict, request) for every answer this stage judges —
     the baseline's (`tuned` is None) or the fine-tuned model's (pairwise: against the
-    baseline's)."""
+    baseline's) — and, with properties, every property of it (answer-major)."""
     by_id = {r["item_id"]: r for r in base}
     out: list[tuple[dict[str, Any], JudgeRequest]] = []
     for row in tuned if tuned is not None else base:
-        baseline = None
-        if p.mode == "pairwise":
-            baseline = clean(by_id[row["item_id"]]["response"], p.strip)
-        response = clean(row["response"], p.strip)
         question = clean(row["question"], p.strip)
-        ident = {k: row[k] for k in row if k not in ("response", "stop_reason")}
-        ctx = context(
-            p.mode,
-            tier=row["tier"],
-            question=question,
-            response=response,
-            baseline_response=baseline,
-            scale_min=p.scale_min,
-            scale_max=p.scale_max,
-        )
-        req = JudgeRequest(
-            prompt=render(rubric, ctx),
-            question=question,
-            response=response,
-            baseline_response=baseline,
-            scale_min=p.scale_min,
-            scale_max=p.scale_max,
-        )
-        out.append(({**ident, "model": p.answers}, req))
+        response = clean(row["response"], p.strip)
+        conversation = conversation_of(row, question, response, p.strip)
+        baseline = baseline_conversation = None
+        if p.mode == "pairwise":
+            base_row = by_id[row["item_id"]]
+            baseline = clean(base_row["response"], p.strip)
+            baseline_conversation = conversation_of(base_row, question, baseline, p.strip)
+        ident = {k: row[k] for k in row if k not in ("response", "stop_reason", "conversation")}
+        for prop in p.property_items():
+            ctx = context(
+                p.mode,
+                tier=row["tier"],
+                question=question,
+                response=response,
+                baseline_response=baseline,
+                scale_min=p.scale_min,
+                scale_max=p.scale_max,
+                conversation=conversation,
+                baseline_conversation=baseline_conversation,
+                prop=prop,
+            )
+            req = JudgeRequest(
+                prompt=render(rubric, ctx),
+                question=question,
+                response=response,
+                baseline_response=baseline,
+                scale_min=p.scale_min,
+                scale_max=p.scale_max,
+            )
+            named = {} if prop is None else {"property": prop[0]}
+            out.append(({**ident, "model": p.answers, **named}, req))
     return out
 
 
@@ -190,6 +229,7 @@ class JudgeStage(StageKind[JudgeParams, JudgeOptions]):
             temperature=j.temperature if "temperature" in sends else None,
             max_reasks=j.max_reasks if "max_reasks" in sends else None,
             strip=strip_patterns(spec.eval.trigger, j.strip),
+            properties=tuple(j.properties.items()) if j.properties is not None else None,
         )
         options = JudgeOptions(
             concurrency=j.concurrency,
@@ -245,7 +285,7 @@ class JudgeStage(StageKind[JudgeParams, JudgeOptions]):
     ) -> dict[str, int]:
         """Judge calls still to make: exact (memo-aware) once both sample outputs are fresh,
         else an upper bound from the sample stages' parameters. Input tokens at 4 characters a
-        token."""
+        token. With properties, every answer is judged once per property."""
         p = node.params
         rubric = node.inputs["judge.rubric"].path
         samples = [store.stage_dir(*node.upstream_at(r)) / "samples.jsonl" for r in sample_roles(p)]
@@ -257,7 +297,7 @@ class JudgeStage(StageKind[JudgeParams, JudgeOptions]):
             chars = sum(len(requests[i][1].prompt) for i in todo)
             return {"judge_calls": len(todo), "judge_input_tokens": chars // 4}
         o = node.options
-        calls = o.expected_answers
+        calls = o.expected_answers * len(p.property_items())
         per_call = len(rubric.read_text()) + o.answer_chars
         return {"judge_calls": calls, "judge_input_tokens": calls * per_call // 4}
 
@@ -274,8 +314,14 @@ class JudgeStage(StageKind[JudgeParams, JudgeOptions]):
         keys, verdicts, todo = to_ask(p, memo, requests, ctx.flags.retry_invalid)
         if todo:
             config = JudgeConfig(  # the settings a judge kind does not receive are None: left out
-                **p.model_dump(exclude_none=True, exclude={"answers", "strip"}),
-                static_prefix=static_prefix(rubric, p.mode, p.scale_min, p.scale_max),
+                **p.model_dump(exclude_none=True, exclude={"answers", "strip", "properties"}),
+                static_prefix=static_prefix(
+                    rubric,
+                    p.mode,
+                    p.scale_min,
+                    p.scale_max,
+                    properties=p.properties is not None,
+                ),
             )
             judge = get_judge(config, batch=o.batch, journal=ctx.store.state.batch_journal(p.kind))
             bar = tqdm(total=len(todo), desc="judge", leave=False)

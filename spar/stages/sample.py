@@ -5,15 +5,26 @@ with a different model reference. Every item is memoised by its key (the stage's
 the question list and sample count, the model — base or the upstream training run's fingerprint —
 the rendered prompt tokens, the question id and the sample index), so a second experiment on the
 same base model reuses the baseline and raising samples_per_question draws only the new indices.
+
+A multi-turn question is sampled in rounds: round t draws reply t of every conversation that has a
+user turn t, its prompt rendered from the first turn's messages, the earlier replies and user
+turns (sequential within a conversation, concurrent across conversations). Each reply is memoised
+by its own key: the one above, with the id of the question's FIRST turn as question id and, from
+turn 1 on, the turn index; its rendered prompt carries the earlier turns and replies. So a reply
+depends only on the conversation up to it: adding a turn to a question draws only the new turn
+(and a question's first reply is the draw of the single-turn question of its first turn).
+Questions written by a generate set (`eval.generate`) are read from its output when it runs.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from spar.items import EvalItem, Question, stage_name
-from spar.spec import SamplingSpec
+from spar.spec import SamplingSpec, load_questions, turns_of
 from spar.stages.base import (
     Flags,
     GraphContext,
@@ -26,10 +37,12 @@ from spar.stages.base import (
     key,
 )
 from spar.stages.draw import draw_missing
+from spar.stages.generate import OUTPUT, final_stage
 from spar.stages.models import ModelRef, model_ref
 from spar.store import RunStore, hash_json, jsonl_text
 
 if TYPE_CHECKING:
+    from spar.engines.base import SamplingClient
     from spar.spec import Spec
 
 
@@ -51,6 +64,7 @@ class SampleParams(Params):
     trigger_placement: Literal["user", "system", "none"] = key("eval.condition.trigger")
     trigger: str | None = key("eval.trigger")  # None where the condition places no trigger
     sampling: SamplingSpec = key("eval.sampling")
+    # () when a generate set writes the questions (its fingerprint is the upstream's)
     questions: tuple[Question, ...] = key("eval.questions")
     samples_per_question: int = key("eval.samples_per_question")
 
@@ -58,6 +72,8 @@ class SampleParams(Params):
 class SampleOptions(Options):
     base_model: str  # a model name, or where a local model directory is
     concurrency: int = 32
+    # for the cost preview before generated questions exist: their user turns (an upper bound)
+    expected_turns: int = 0
 
 
 def item_seed(seed: int, question_id: str, sample_index: int) -> int:
@@ -67,10 +83,40 @@ def item_seed(seed: int, question_id: str, sample_index: int) -> int:
     return int(hash_json([seed, question_id, sample_index])[:8], 16) & 0x7FFFFFFF
 
 
-def eval_items(p: SampleParams) -> list[EvalItem]:
+def turn_seed(seed: int, turn: int) -> int:
+    """The seed of reply `turn` of an item whose (first reply's) seed is `seed`: turn 0 keeps it,
+    a later turn's derives from it and the turn index."""
+    if turn == 0:
+        return seed
+    return int(hash_json([seed, "turn", turn])[:8], 16) & 0x7FFFFFFF
+
+
+def read_questions(path: Path) -> tuple[Question, ...]:
+    """The questions of an eval questions file (a generate set's output has its format), in the
+    order `Spec.questions()` gives a spec's: grouped by tier, in first-seen tier order."""
+    tiers = load_questions(path)
+    return tuple(Question.of(tier, turns_of(q)) for tier, qs in tiers.items() for q in qs)
+
+
+def expected_turns(spec: Spec) -> int:
+    """User turns of the questions `eval.generate` will write, at most: each question's turns are
+    the last step's `turns`, else its property's `num_turns`, else 1."""
+    assert spec.eval.generate is not None
+    g = spec.generate[spec.eval.generate]
+    last = g.steps[-1].turns
+    if last is not None:
+        return spec.question_count() * last
+    if g.properties is not None:
+        per_root = g.expected_items(1)
+        return per_root * sum(g.num_turns.get(prop, 1) for prop in g.properties)
+    return spec.question_count()
+
+
+def eval_items(p: SampleParams, questions: Sequence[Question] | None = None) -> list[EvalItem]:
+    """Every (question, sample index) item of `questions` (default: the params' own)."""
     return [
         EvalItem.build(q, i, p.system_prompt, p.condition, p.trigger, p.trigger_placement)
-        for q in p.questions
+        for q in (p.questions if questions is None else questions)
         for i in range(p.samples_per_question)
     ]
 
@@ -87,6 +133,11 @@ class SampleStage(StageKind[SampleParams, SampleOptions]):
         out: list[StageNode[SampleParams, SampleOptions]] = []
         model = model_ref(spec, g)
         questions = tuple(spec.questions())
+        generated: dict[str, str] = {}
+        turns = 0
+        if e.generate is not None:
+            generated = {"questions": final_stage(e.generate)}
+            turns = expected_turns(spec)
         for condition, c in e.condition_items():
             for base, finetuned in (("sample_base", False), ("sample_finetuned", True)):
                 params = SampleParams(
@@ -102,8 +153,12 @@ class SampleStage(StageKind[SampleParams, SampleOptions]):
                     questions=questions,
                     samples_per_question=e.samples_per_question,
                 )
-                options = SampleOptions(base_model=spec.model.base_model, concurrency=e.concurrency)
-                upstream = {"train": "train"} if finetuned else {}
+                options = SampleOptions(
+                    base_model=spec.model.base_model,
+                    concurrency=e.concurrency,
+                    expected_turns=turns,
+                )
+                upstream = {**generated, **({"train": "train"} if finetuned else {})}
                 name = stage_name(base, condition)
                 out.append(StageNode(name, self, spec.name, params, options, upstream=upstream))
         return out
@@ -115,9 +170,18 @@ class SampleStage(StageKind[SampleParams, SampleOptions]):
         upstream_fresh: bool,
         flags: Flags | None = None,
     ) -> dict[str, int]:
-        """Sampling calls (an upper bound: items already in the memo are not drawn again)."""
+        """Sampling calls, one per reply of every user turn (an upper bound: replies already in
+        the memo are not drawn again; generated questions not written yet are counted from
+        their generate set's counts)."""
         p = node.params
-        calls = len(p.questions) * p.samples_per_question
+        turns = sum(len(q.turns) for q in p.questions)
+        if "questions" in node.upstream:
+            path = store.stage_dir(*node.upstream_at("questions")) / OUTPUT
+            if upstream_fresh and path.exists():
+                turns = sum(len(q.turns) for q in read_questions(path))
+            else:
+                turns = node.options.expected_turns
+        calls = turns * p.samples_per_question
         return {"sample_calls": calls, "sample_tokens_max": calls * p.sampling.max_tokens}
 
     def run(self, ctx: RunContext[SampleParams, SampleOptions]) -> StageResult:
@@ -136,35 +200,67 @@ class SampleStage(StageKind[SampleParams, SampleOptions]):
             model = "base"
         renderer = load_renderer(p.renderer, o.base_model)
 
+        questions = p.questions
+        if "questions" in ctx.upstream:
+            questions = read_questions(ctx.upstream_file("questions", OUTPUT))
+        items = eval_items(p, questions)
         memo = ctx.memo()
-        items = eval_items(p)
-        prompts: dict[tuple[tuple[str, str], ...], Any] = {}
-        keys: list[str] = []
-        for it in items:
-            if it.messages not in prompts:
-                prompts[it.messages] = renderer.build_generation_prompt(it.chat())
-            keys.append(
-                memo.key(
-                    {
-                        "model": model,
-                        "prompt": prompts[it.messages].to_ints(),
-                        "question_id": it.question_id,
-                        "sample_index": it.sample_index,
-                    }
+        made: list[SamplingClient] = []
+
+        def client() -> SamplingClient:  # one sampling client for every round, made on demand
+            if not made:
+                made.append(engine.create_sampling_client(**client_args))
+            return made[0]
+
+        # replies[i]: the memoised draws of item i so far, one per user turn
+        replies: list[list[dict[str, Any]]] = [[] for _ in items]
+        drawn = 0
+        for turn in range(max((it.turn_count for it in items), default=0)):
+            active = [i for i, it in enumerate(items) if it.turn_count > turn]
+            messages = [
+                items[i].prompt_at(turn, [r["response"] for r in replies[i]]) for i in active
+            ]
+            prompts: dict[tuple[tuple[str, str], ...], Any] = {}
+            keys: list[str] = []
+            seeds: list[int] = []
+            for i, msgs in zip(active, messages, strict=True):
+                if msgs not in prompts:
+                    prompts[msgs] = renderer.build_generation_prompt(items[i].chat(msgs))
+                basis: dict[str, Any] = {
+                    "model": model,
+                    "prompt": prompts[msgs].to_ints(),
+                    "question_id": items[i].first_turn_id,
+                    "sample_index": items[i].sample_index,
+                }
+                if turn:  # turn 0's key is the single-turn key: those items stay memoised
+                    basis["turn"] = turn
+                keys.append(memo.key(basis))
+                seeds.append(
+                    turn_seed(
+                        item_seed(p.sampling.seed, basis["question_id"], items[i].sample_index),
+                        turn,
+                    )
                 )
+            done, n = draw_missing(
+                memo,
+                keys,
+                client,
+                renderer,
+                [prompts[m] for m in messages],
+                seeds,
+                p.sampling,
+                o.concurrency,
+                desc=f"sample {ctx.name}" + (f" turn {turn + 1}" if turn else ""),
             )
-        done, drawn = draw_missing(
-            memo,
-            keys,
-            lambda: engine.create_sampling_client(**client_args),
-            renderer,
-            [prompts[it.messages] for it in items],
-            [item_seed(p.sampling.seed, it.question_id, it.sample_index) for it in items],
-            p.sampling,
-            o.concurrency,
-            desc=f"sample {ctx.name}",
-        )
-        rows = [{**it.identity(), **done[k]} for it, k in zip(items, keys, strict=True)]
+            drawn += n
+            for i, k in zip(active, keys, strict=True):
+                replies[i].append(done[k])
+        rows: list[dict[str, Any]] = []
+        for it, rs in zip(items, replies, strict=True):
+            row = {**it.identity(), **rs[-1]}  # the last reply's response and stop reason
+            if it.turn_count > 1:
+                row["conversation"] = it.conversation([r["response"] for r in rs])
+            rows.append(row)
         return StageResult(
             {"samples.jsonl": jsonl_text(rows).encode()},
             details={"items": len(rows), "drawn": drawn},
