@@ -8,7 +8,15 @@ from typing import Any
 
 import jinja2
 
-from spar.plots import conditions_of, pp_ci, tier_order, tiers_of
+from spar.plots import (
+    conditions_of,
+    gap_label,
+    pp_ci,
+    properties_of,
+    property_names,
+    tier_order,
+    tiers_of,
+)
 
 _ENV = jinja2.Environment(
     loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
@@ -34,43 +42,63 @@ def _pct_ci(est: dict[str, Any] | None) -> str:
     return f"{_pct(est['mean'])} [{_pct(est['ci_low'])}, {_pct(est['ci_high'])}]"
 
 
+def _turns(sample: dict[str, Any] | None) -> list[dict[str, str]] | None:
+    """The conversation of a multi-turn answer (every user and assistant turn), else None."""
+    return None if sample is None else sample.get("conversation") or None
+
+
 def answer_rows(
     samples_base: list[dict[str, Any]],
     samples_tuned: list[dict[str, Any]],
     judged: list[dict[str, Any]],
+    properties: list[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per item (question, condition, sample): both answers side by side with their
-    verdicts, joined by item id (which includes the condition), in the order of `samples_tuned`."""
-    base = {r["item_id"]: r["response"] for r in samples_base}
-    verdicts: dict[str, dict[str, dict[str, Any]]] = {}
+    """One row per item (question, condition, sample) — and per property, when the verdicts are
+    one per (answer, property) — with both answers side by side and that row's verdicts, joined
+    by item id (which includes the condition), in the order of `samples_tuned` (properties in
+    the order of `properties`, else of their first verdict). A multi-turn answer also gives its
+    conversation (`baseline_turns`, `finetuned_turns`: lists of {role, content})."""
+    base = {r["item_id"]: r for r in samples_base}
+    named = properties or dict.fromkeys(
+        j["property"] for j in judged if j.get("property") is not None
+    )
+    props: list[str | None] = [*named] or [None]
+    verdicts: dict[tuple[str, str | None], dict[str, dict[str, Any]]] = {}
     for j in judged:
-        verdicts.setdefault(j["item_id"], {})[j["model"]] = j
+        verdicts.setdefault((j["item_id"], j.get("property")), {})[j["model"]] = j
     rows = []
     for r in samples_tuned:
         key = r["item_id"]
-        vs = verdicts.get(key, {})
-        labelled = len(vs) > 1
-        scores = [
-            (f"{m}: " if labelled else "", v["score"] if v["status"] == "ok" else v["status"])
-            for m, v in sorted(vs.items())
-        ]
-        reasons = [(f"{m}: " if labelled else "", v["reasoning"]) for m, v in sorted(vs.items())]
-        tuned = vs.get("finetuned")
-        filter_score = "invalid" if tuned is None or tuned["score"] is None else tuned["score"]
-        rows.append(
-            {
-                "item_id": key,
-                "tier": r["tier"],
-                "condition": r.get("condition", ""),
-                "question": r["question"],
-                "sample_index": r["sample_index"],
-                "baseline": base.get(key, ""),
-                "finetuned": r["response"],
-                "scores": scores,
-                "reasons": reasons,
-                "filter_score": filter_score,
-            }
-        )
+        b = base.get(key)
+        for prop in props:
+            vs = verdicts.get((key, prop), {})
+            labelled = len(vs) > 1
+            scores = [
+                (f"{m}: " if labelled else "", v["score"] if v["status"] == "ok" else v["status"])
+                for m, v in sorted(vs.items())
+            ]
+            reasons = [
+                (f"{m}: " if labelled else "", v["reasoning"]) for m, v in sorted(vs.items())
+            ]
+            tuned = vs.get("finetuned")
+            filter_score = "invalid" if tuned is None or tuned["score"] is None else tuned["score"]
+            rows.append(
+                {
+                    "item_id": key,
+                    "tier": r["tier"],
+                    "condition": r.get("condition", ""),
+                    "property": prop or "",
+                    "question": r["question"],
+                    "sample_index": r["sample_index"],
+                    "baseline": "" if b is None else b["response"],
+                    "finetuned": r["response"],
+                    "baseline_turns": _turns(b),
+                    "finetuned_turns": _turns(r),
+                    "scores": scores,
+                    "reasons": reasons,
+                    "filter_score": filter_score,
+                }
+            )
     return rows
 
 
@@ -83,11 +111,16 @@ def render_report(
 ) -> str:
     """The report page. A spec with eval.conditions gets a section per condition (exhibits rate,
     format adherence, per-tier means), a table of leakage gaps with their estimands, and a
-    condition column and filter in the answers table."""
+    condition column and filter in the answers table. A spec with judge.properties gets, per
+    condition, a table of the properties (each model's mean and exhibits rate over all tiers,
+    the paired delta, counts) and a per-tier table per property, and a property column and
+    filter in the answers table."""
     conditions = conditions_of(summary)
     per_condition = {c: tiers_of(summary, c) for c in conditions or [""]}
     tiers = tier_order(list(dict.fromkeys(t for per in per_condition.values() for t in per)))
     overall = summary.get("conditions", {}).get("")  # a spec without conditions, new schema
+    properties = property_names(summary)
+    per_property = {c: properties_of(summary, c) for c in conditions or [""]}
     return _ENV.get_template("report.html.j2").render(
         s=summary,
         experiment=experiment,
@@ -96,10 +129,13 @@ def render_report(
         per_condition=per_condition,
         overall=overall,
         tiers=tiers,
+        properties=properties,
+        per_property=per_property,
         rows=rows,
         plot_b64=base64.b64encode(plot_png).decode(),
         fmt=_fmt,
         pct=_pct,
         pct_ci=_pct_ci,
         pp_ci=pp_ci,
+        gap_label=gap_label,
     )

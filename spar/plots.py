@@ -37,6 +37,30 @@ def tiers_of(summary: dict[str, Any], condition: str = "") -> dict[str, Any]:
     return summary["conditions"][condition]["tiers"]
 
 
+def property_names(summary: dict[str, Any]) -> list[str]:
+    """The judged properties of a summary (judge.properties, in the spec's order); [] when its
+    verdicts are one per answer. Works on a report's summary and on a sweep report's group."""
+    if "property_order" in summary:
+        return list(summary["property_order"])
+    for c in summary.get("conditions", {}).values():
+        return list(c.get("properties", {}))
+    return []
+
+
+def properties_of(summary: dict[str, Any], condition: str = "") -> dict[str, Any]:
+    """property -> its statistics in one condition ("" for a spec without conditions): per model
+    (all tiers), `delta` (absolute mode), `tiers`, `invalid`, `errors`; {} without properties."""
+    if not condition and "properties" in summary:
+        return summary["properties"]
+    return summary.get("conditions", {}).get(condition, {}).get("properties", {})
+
+
+def gap_label(g: dict[str, Any]) -> str:
+    """`triggered − untriggered (model)`, and the property when the gap is one property's."""
+    prop = f", {g['property']}" if g.get("property") else ""
+    return f"{g['triggered']} − {g['untriggered']} ({g['model']}{prop})"
+
+
 def model_colors(models: list[str], style: PlotSpec) -> list[str]:
     """Baseline always takes the first colour and the fine-tuned model the second."""
     return [style.colors[int(m == "finetuned") % len(style.colors)] for m in models]
@@ -98,7 +122,7 @@ def _gap_bars(ax: Any, gaps: list[dict[str, Any]], style: PlotSpec) -> None:
     ]
     colors = model_colors([g["model"] for g in gaps], style)
     ax.barh(ys, means, 0.6, xerr=err, capsize=3, color=colors)
-    labels = [f"{g['triggered']} − {g['untriggered']} ({g['model']})\n{pp_ci(g)}" for g in gaps]
+    labels = [f"{gap_label(g)}\n{pp_ci(g)}" for g in gaps]
     ax.set_yticks(ys, labels, fontsize=8)
     ax.invert_yaxis()  # the first gap on top
     ax.axvline(0, color="black", linewidth=0.8)
@@ -155,9 +179,74 @@ def conditions_figure(summary: dict[str, Any], style: PlotSpec, title: str) -> F
     return fig
 
 
+def _grid(panels: int, style: PlotSpec) -> tuple[Figure, list[Any]]:
+    """A figure of `panels` axes, up to 3 a row (sized from the style), in reading order; the
+    unused cells of the last row are removed."""
+    cols = min(panels, 3)
+    rows = -(-panels // cols)
+    fig, grid = plt.subplots(
+        rows,
+        cols,
+        figsize=(style.width * (1 + 0.5 * (cols - 1)), style.height * rows),
+        squeeze=False,
+    )
+    axes = [ax for row in grid for ax in row]
+    for ax in axes[panels:]:
+        fig.delaxes(ax)
+    return fig, axes[:panels]
+
+
+def properties_figure(summary: dict[str, Any], style: PlotSpec, title: str) -> Figure:
+    """A spec with judge.properties: a panel per property. Without eval.conditions, that
+    property's mean score per tier (one bar per model, CI whiskers); with them, its exhibits rate
+    per condition, and a last panel of the leakage gaps (pooled and per property)."""
+    props = property_names(summary)
+    conds = conditions_of(summary)
+    models = summary["models"]
+    colors = model_colors(models, style)
+    gaps = (summary.get("gaps") or []) if conds else []
+    fig, axes = _grid(len(props) + int(bool(gaps)), style)
+    lo, hi = summary["scale"]["min"], summary["scale"]["max"]
+    for ax, prop in zip(axes, props, strict=False):
+        if conds:
+            per = [properties_of(summary, c).get(prop, {}) for c in conds]
+            series = [
+                (m, [st[m]["exhibits_rate"] if m in st else BLANK for st in per]) for m in models
+            ]
+            _bars(ax, conds, series, colors)
+            ax.set_ylim(0, 1.05)
+            ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+            ax.set_ylabel(f"exhibits rate (score ≥ {summary['exhibits_threshold']})")
+        else:
+            per_tier = properties_of(summary)[prop]["tiers"]
+            tiers = tier_order(list(per_tier))
+            _bars(ax, tiers, [(m, [per_tier[t][m] for t in tiers]) for m in models], colors)
+            ax.set_ylim(lo - 0.5 if lo > 0 else 0, hi + 0.1)
+            pairwise = summary["judge_mode"] == "pairwise"
+            ax.set_ylabel("mean score vs baseline (pairwise)" if pairwise else "mean judge score")
+        ax.set_title(f"property {prop}")
+    if gaps:
+        _gap_bars(axes[-1], gaps, style)
+    fig.suptitle(style.title or title)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    counts = {
+        prop: [properties_of(summary, c).get(prop, {}) for c in conds or [""]] for prop in props
+    }
+    detail = ", ".join(
+        f"{prop}: {sum(st.get('invalid', 0) for st in per)} invalid / "
+        f"{sum(st.get('errors', 0) for st in per)} errors"
+        for prop, per in counts.items()
+    )
+    _caption(fig, summary["invalid"], summary.get("errors", 0), detail)
+    return fig
+
+
 def experiment_figure(summary: dict[str, Any], style: PlotSpec, title: str) -> Figure:
     """Per-tier mean score with CI whiskers: baseline vs fine-tuned (or pairwise scores); for a
-    spec with eval.conditions, the conditions side by side (`conditions_figure`)."""
+    spec with eval.conditions, the conditions side by side (`conditions_figure`); with
+    judge.properties, a panel per property (`properties_figure`)."""
+    if property_names(summary):
+        return properties_figure(summary, style, title)
     if conditions_of(summary):
         return conditions_figure(summary, style, title)
     per_tier = tiers_of(summary)
@@ -236,7 +325,7 @@ def judged_figure(runs: list[tuple[str, list[dict[str, Any]]]], style: PlotSpec)
     tiers = tier_order(list(dict.fromkeys(r["tier"] for _, rows in runs for r in rows)))
     series = []
     invalid = 0
-    for label, rows in runs:
+    for label, rows in _by_property(runs):
         tuned = [r for r in rows if r.get("model", "finetuned") == "finetuned"]
         invalid += sum(r.get("status", "ok") != "ok" for r in tuned)
         stats = []
@@ -253,6 +342,21 @@ def judged_figure(runs: list[tuple[str, list[dict[str, Any]]]], style: PlotSpec)
     ax.set_title(style.title or "judge score by tier")
     _caption(fig, invalid)
     return fig
+
+
+def _by_property(
+    runs: list[tuple[str, list[dict[str, Any]]]],
+) -> list[tuple[str, list[dict[str, Any]]]]:
+    """Each run as is, or, when its verdicts carry `property`, one series per property
+    (`label [property]`), so verdicts on different properties are never averaged together."""
+    out = []
+    for label, rows in runs:
+        props = list(dict.fromkeys(r["property"] for r in rows if r.get("property") is not None))
+        if not props:
+            out.append((label, rows))
+            continue
+        out += [(f"{label} [{p}]", [r for r in rows if r.get("property") == p]) for p in props]
+    return out
 
 
 def png(fig: Figure, dpi: int) -> bytes:

@@ -1,10 +1,14 @@
 """`spar show`: experiments side by side — the parameters that differ and the headline effects.
 
 Headline per experiment: the paired fine-tuned − baseline effect per tier; with eval conditions,
-the fine-tuned exhibits (persona) rate per condition and the leakage gaps. A sweep spec shows a row
-per point, then a row per group of points that differ only in seed (its sweep report: CIs over
-seeds). A row whose report does not match the spec as it is now (an edit not yet applied) is
-marked stale with the reasons, and its numbers are left out: nothing stale is presented as current.
+the fine-tuned exhibits (persona) rate per condition and the leakage gaps. With judge.properties the
+headline is per property (the paired effect over all tiers, or per condition the fine-tuned
+exhibits rate and the leakage gaps), and below the table each experiment gets a line per property
+(and tier): `warm: base 1.80 -> ft 3.10 (+1.30 [+0.90, +1.70]); exhibits 20 % -> 70 %`. A sweep
+spec shows a row per point, then a row per group of points that differ only in seed (its sweep
+report: CIs over seeds). A row whose report does not match the spec as it is now (an edit not
+yet applied) is marked stale with the reasons, and its numbers are left out: nothing stale is
+presented as current.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from spar.plan import PlannedStage, flatten, plan_specs
-from spar.plots import tier_order
+from spar.plots import conditions_of, properties_of, property_names, tier_order
 from spar.spec import Spec, sweep_points
 from spar.store import RunStore
 
@@ -27,8 +31,11 @@ def _stat(e: dict[str, Any]) -> dict[str, Any]:
 
 def headline(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Column -> statistic: the effect per tier (no conditions), or `rate <condition>` (fine-tuned
-    exhibits rate) and `gap <triggered>-<untriggered>` (fine-tuned leakage gap). `summary` is a
-    report's summary or one group of a sweep report."""
+    exhibits rate) and `gap <triggered>-<untriggered>` (fine-tuned leakage gap); with
+    judge.properties, the same per property (`_property_headline`). `summary` is a report's
+    summary or one group of a sweep report."""
+    if property_names(summary):
+        return _property_headline(summary)
     out: dict[str, dict[str, Any]] = {}
     conditions = summary.get("conditions", {})
     if "tiers" in summary and list(conditions) in ([], [""]):  # a report without conditions
@@ -42,6 +49,61 @@ def headline(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
     for g in summary.get("gaps", []):
         if g["model"] == "finetuned":
             out[f"gap {g['triggered']}-{g['untriggered']}"] = _stat(g)
+    return out
+
+
+def _property_headline(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """With judge.properties: `property <p>` (the paired effect over all tiers, or the fine-tuned
+    mean in pairwise mode) without conditions; with them `rate <c> [<p>]` (fine-tuned exhibits
+    rate of the property) and `gap <t>-<u> [<p>]` (its fine-tuned leakage gap)."""
+    out: dict[str, dict[str, Any]] = {}
+    props = property_names(summary)
+    conds = conditions_of(summary)
+    if not conds:
+        per = properties_of(summary)
+        for p in props:
+            out[f"property {p}"] = _stat(
+                per[p]["delta"] if "delta" in per[p] else per[p]["finetuned"]
+            )
+        return out
+    for c in conds:
+        per = properties_of(summary, c)
+        for p in props:
+            out[f"rate {c} [{p}]"] = _stat(per[p]["finetuned"]["exhibits_rate"])
+    for g in summary.get("gaps", []):
+        if g["model"] == "finetuned" and g.get("property"):
+            out[f"gap {g['triggered']}-{g['untriggered']} [{g['property']}]"] = _stat(g)
+    return out
+
+
+def property_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per condition ("" without conditions), property and tier (None: all tiers): each model's
+    mean score and exhibits rate, and the paired fine-tuned − baseline delta (absolute mode);
+    [] without judge.properties."""
+    out: list[dict[str, Any]] = []
+    for c in conditions_of(summary) or [""]:
+        per = properties_of(summary, c)
+        for p in property_names(summary):
+            if p not in per:
+                continue
+            scopes = [
+                (None, per[p]),
+                *((t, per[p]["tiers"][t]) for t in tier_order(list(per[p]["tiers"]))),
+            ]
+            for tier, st in scopes:
+                models = [m for m in ("baseline", "finetuned") if m in st]
+                out.append(
+                    {
+                        "condition": c,
+                        "property": p,
+                        "tier": tier,
+                        "mean": {m: _stat(st[m]) for m in models},
+                        "exhibits": {m: _stat(st[m]["exhibits_rate"]) for m in models},
+                        "delta": _stat(st["delta"]) if "delta" in st else None,
+                        "invalid": sum(st[m]["invalid"] for m in models),
+                        "errors": sum(st[m]["errors"] for m in models),
+                    }
+                )
     return out
 
 
@@ -64,7 +126,7 @@ def _row(
     experiment: str, planned: PlannedStage, path: Path, params: dict[str, Any]
 ) -> dict[str, Any]:
     status, summary = _load(planned, path)
-    return {
+    row = {
         "experiment": experiment,
         "status": status,
         "reasons": planned.reasons if planned.status != "fresh" else [],
@@ -73,6 +135,13 @@ def _row(
         "invalid": summary["invalid"] if summary else None,
         "errors": summary.get("errors", 0) if summary else None,
     }
+    return _with_properties(row, summary)
+
+
+def _with_properties(row: dict[str, Any], summary: dict[str, Any] | None) -> dict[str, Any]:
+    """`row` with `properties` (`property_rows`) when its summary has judge.properties."""
+    props = property_rows(summary) if summary else []
+    return {**row, "properties": props} if props else row
 
 
 def show_rows(specs: list[Spec], store: RunStore) -> list[dict[str, Any]]:
@@ -116,17 +185,16 @@ def _sweep_rows(
             k: group["point"].get(k, f"{seeds} seeds" if k in summary["seed_keys"] else "")
             for k in differ
         }
-        rows.append(
-            {
-                "experiment": f"{name} ({seeds} seeds)",
-                "status": "fresh",
-                "reasons": [],
-                "params": row_params,
-                "effects": headline(group),
-                "invalid": group.get("invalid"),
-                "errors": group.get("errors"),
-            }
-        )
+        row = {
+            "experiment": f"{name} ({seeds} seeds)",
+            "status": "fresh",
+            "reasons": [],
+            "params": row_params,
+            "effects": headline(group),
+            "invalid": group.get("invalid"),
+            "errors": group.get("errors"),
+        }
+        rows.append(_with_properties(row, group))
     return rows
 
 
@@ -137,6 +205,47 @@ def _cell(e: dict[str, Any], signed: bool = True) -> str:
     return f"{e['mean']:{f}} [{e['ci_low']:{f}}, {e['ci_high']:{f}}]"
 
 
+def _mean(e: dict[str, Any] | None) -> str:
+    return "—" if not e or e.get("mean") is None else f"{e['mean']:.2f}"
+
+
+def _rate(e: dict[str, Any] | None) -> str:
+    return "—" if not e or e.get("mean") is None else f"{100 * e['mean']:.0f} %"
+
+
+def property_line(r: dict[str, Any]) -> str:
+    """`warm: base 1.80 -> ft 3.10 (+1.30 [+0.90, +1.70]); exhibits 20 % -> 70 %` (a tier's
+    line is indented and named by its tier; pairwise: the fine-tuned numbers only)."""
+    m, x = r["mean"], r["exhibits"]
+    if "baseline" in m:
+        text = f"base {_mean(m['baseline'])} -> ft {_mean(m.get('finetuned'))}"
+        rates = f"exhibits {_rate(x['baseline'])} -> {_rate(x.get('finetuned'))}"
+    else:
+        text = f"ft {_mean(m.get('finetuned'))}"
+        rates = f"exhibits {_rate(x.get('finetuned'))}"
+    if r["delta"] is not None:
+        text += f" ({_cell(r['delta'])})"
+    counts = (
+        f"; {r['invalid']} invalid, {r['errors']} errors" if r["invalid"] or r["errors"] else ""
+    )
+    name = r["property"] if r["tier"] is None else f"  {r['tier']}"
+    return f"  {name}: {text}; {rates}{counts}"
+
+
+def property_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Below the table: each experiment's properties, per condition, then per tier."""
+    lines: list[str] = []
+    for row in rows:
+        last = None
+        for r in row.get("properties", []):
+            if r["condition"] != last:
+                last = r["condition"]
+                where = f", condition {last}" if last else ""
+                lines.append(f"{row['experiment']}{where}: properties (all tiers, then per tier)")
+            lines.append(property_line(r))
+    return lines
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     params = list(rows[0]["params"]) if rows else []
     tiers = list(dict.fromkeys(t for r in rows for t in r["effects"]))
@@ -144,7 +253,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         "experiment",
         "status",
         *params,
-        *(t if t.startswith(("rate ", "gap ")) else f"effect {t}" for t in tiers),
+        *(t if t.startswith(("rate ", "gap ", "property ")) else f"effect {t}" for t in tiers),
         "invalid",
         "errors",
     ]
@@ -173,4 +282,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         for r in rows
         if r["status"] == "stale"
     ]
-    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:], *notes])
+    props = property_lines(rows)
+    props = ["", *props] if props else []
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:], *props, *notes])

@@ -56,7 +56,7 @@ UPSTREAM_PER_CONDITION = {
 
 class PlotStage(StageKind[PlotParams, Options]):
     kind = "plot"
-    version = 3
+    version = 4  # 4: property tables and column, conversations, errors in tier tables
     outputs: ClassVar[tuple[str, ...]] = ("plot.png", "compare.png", "report.html")
     params_model = PlotParams
 
@@ -95,7 +95,12 @@ class PlotStage(StageKind[PlotParams, Options]):
         for c in p.conditions or ("",):
             for base, file in UPSTREAM_PER_CONDITION.items():
                 rows_of[base] += read_jsonl(ctx.upstream_file(stage_name(base, c), file))
-        rows = answer_rows(rows_of["sample_base"], rows_of["sample_finetuned"], rows_of["judge"])
+        rows = answer_rows(
+            rows_of["sample_base"],
+            rows_of["sample_finetuned"],
+            rows_of["judge"],
+            summary.get("property_order"),
+        )
         html = render_report(summary, plot, rows, p.experiment, p.framing)
         outputs = {"plot.png": plot, "compare.png": compare, "report.html": html.encode()}
         return StageResult(outputs)

@@ -5,7 +5,8 @@
 `status` is the verdict's (`ok`, `invalid`, `error`), or `unjudged` for an answer no verdict is
 about (the baseline's in pairwise mode); `hit` is `score >= report.exhibits_threshold` for an ok
 verdict, else null; `format_ok` says whether `report.format_regex` fully matches the raw answer
-(stripped; dot matches newlines), null without a regex.
+(stripped; dot matches newlines), null without a regex. With `judge.properties` every answer has
+one verdict per property, and every row carries `property` (null on an unjudged row).
 
 `summary.json`, per condition: per tier and model the mean score with a hierarchical-bootstrap CI
 (questions, then samples within each question), its exhibits rate and the invalid / error counts
@@ -13,6 +14,14 @@ verdict, else null; `format_ok` says whether `report.format_regex` fully matches
 condition's exhibits rate (all tiers) and format adherence. Then the leakage gaps: per
 (triggered, untriggered) pair and model, the exhibits rate in the triggered condition minus the
 untriggered one, paired by question and sample index. Every new metric states its estimand.
+
+With `judge.properties` (one verdict per answer and property), each condition also gets
+`properties: {property: {<model>: stats (all tiers), delta (all tiers), tiers: {tier: {<model>:
+stats, delta}}, invalid, errors}}` — the same statistics, computed on that property's verdicts
+alone — and the leakage gaps are given per property too (entries with a `property` key). The
+metrics without a property then pool every property's verdicts (pairs matched by property too),
+and their estimands say so. `summary.json` gains `property_order` (and, without eval.conditions,
+a top-level `properties`, like `tiers`). Without properties nothing changes.
 
 The metrics are computed from score rows grouped by seed, so the sweep report
 (`spar.stages.sweep_report`) computes the same numbers with seeds as the top level of the
@@ -27,6 +36,9 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+from pydantic import Field, SerializerFunctionWrapHandler, model_serializer
+
+from spar.errors import RunError
 from spar.items import stage_name
 from spar.spec import BootstrapSpec
 from spar.stages.base import (
@@ -63,6 +75,18 @@ class ReportParams(Params):
     conditions: tuple[str, ...] = key("eval.conditions")
     format_regex: str | None = key("report.format_regex")
     gaps: tuple[tuple[str, str], ...] = key("report.gaps")  # (triggered, untriggered)
+    # property names in the spec's order; None: one verdict per answer (judge.properties unset)
+    properties: tuple[str, ...] | None = Field(None, alias="judge.properties")
+
+    @model_serializer(mode="wrap")
+    def _without_unset_properties(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """No `judge.properties` key when unset (in this model's dumps and in the sweep report's,
+        which nests it): reports made before properties existed keep their fingerprints."""
+        out = handler(self)
+        if self.properties is None:
+            out.pop("judge.properties", None)
+            out.pop("properties", None)
+        return out
 
     @property
     def models(self) -> tuple[str, ...]:
@@ -82,6 +106,7 @@ def report_params(spec: Spec) -> ReportParams:
         conditions=tuple(name for name, _ in spec.eval.condition_items()),
         format_regex=r.format_regex,
         gaps=tuple(spec.gap_pairs()),
+        properties=tuple(spec.judge.properties) if spec.judge.properties else None,
     )
 
 
@@ -102,43 +127,67 @@ def score_rows(
     answers = {(m, s["item_id"]): s for m, rows in samples.items() for s in rows}
     out: list[Row] = []
     judged_ids: set[tuple[str, str]] = set()
-    for v in judged:
+    for line, v in enumerate(judged, 1):
         ident = (v["model"], v["item_id"])
         judged_ids.add(ident)
         sample = answers.get(ident)
         ok = v["status"] == "ok"
-        out.append(
-            {
-                "item_id": v["item_id"],
-                "condition": condition,
-                "tier": v["tier"],
-                "question_id": v["question_id"],
-                "sample_index": v["sample_index"],
-                "model": v["model"],
-                "status": v["status"],
-                "score": v["score"] if ok else None,
-                "hit": bool(v["score"] >= p.exhibits_threshold) if ok else None,
-                "format_ok": None if sample is None else format_ok(pattern, sample["response"]),
-            }
-        )
+        row = {
+            "item_id": v["item_id"],
+            "condition": condition,
+            "tier": v["tier"],
+            "question_id": v["question_id"],
+            "sample_index": v["sample_index"],
+            "model": v["model"],
+            "status": v["status"],
+            "score": v["score"] if ok else None,
+            "hit": bool(v["score"] >= p.exhibits_threshold) if ok else None,
+            "format_ok": None if sample is None else format_ok(pattern, sample["response"]),
+        }
+        out.append(_with_property(p, row, _property_of(p, condition, line, v)))
     for model in MODELS:
         for s in samples.get(model, []):
             if (model, s["item_id"]) in judged_ids:
                 continue
-            out.append(
-                {
-                    "item_id": s["item_id"],
-                    "condition": condition,
-                    "tier": s["tier"],
-                    "question_id": s["question_id"],
-                    "sample_index": s["sample_index"],
-                    "model": model,
-                    "status": "unjudged",
-                    "score": None,
-                    "hit": None,
-                    "format_ok": format_ok(pattern, s["response"]),
-                }
-            )
+            row = {
+                "item_id": s["item_id"],
+                "condition": condition,
+                "tier": s["tier"],
+                "question_id": s["question_id"],
+                "sample_index": s["sample_index"],
+                "model": model,
+                "status": "unjudged",
+                "score": None,
+                "hit": None,
+                "format_ok": format_ok(pattern, s["response"]),
+            }
+            out.append(_with_property(p, row, None))
+    return out
+
+
+def _property_of(p: ReportParams, condition: str, line: int, verdict: Row) -> str | None:
+    """The property a verdict is about: one of judge.properties when the spec has them."""
+    prop = verdict.get("property")
+    if p.properties is None:
+        return None
+    if prop not in p.properties:
+        where = f"judged.jsonl of condition {condition!r}" if condition else "judged.jsonl"
+        raise RunError(
+            f"{where}, line {line}: property {prop!r} is not one of judge.properties "
+            f"({', '.join(p.properties)})"
+        )
+    return prop
+
+
+def _with_property(p: ReportParams, row: Row, prop: str | None) -> Row:
+    """`row` with `property` after `tier` when the spec has judge.properties (else unchanged)."""
+    if p.properties is None:
+        return row
+    out: Row = {}
+    for k, v in row.items():
+        out[k] = v
+        if k == "tier":
+            out["property"] = prop
     return out
 
 
@@ -175,6 +224,24 @@ def _ok(r: Row) -> bool:
     return r["status"] == "ok"
 
 
+def _prop(r: Row) -> str | None:
+    return r.get("property")
+
+
+def _scope(p: ReportParams, tier: str | None, prop: str | None) -> str:
+    """Which verdicts a statistic is about, as its estimand words say it: `in tier T` (the words
+    of a spec without properties), `on property 'P' in tier T`, `on property 'P', all tiers`, or,
+    pooling every property of a spec that has them, `on every property (pooled) in tier T`."""
+    where = f"in tier {tier}" if tier is not None else "all tiers"
+    if prop is not None:
+        return (
+            f"on property {prop!r} {where}"
+            if tier is not None
+            else f"on property {prop!r}, {where}"
+        )
+    return where if p.properties is None else f"on every property (pooled) {where}"
+
+
 def _counts(rows: Iterable[Row]) -> dict[str, int]:
     rows = list(rows)
     return {
@@ -183,47 +250,67 @@ def _counts(rows: Iterable[Row]) -> dict[str, int]:
     }
 
 
+def _selected(r: Row, tier: str | None, prop: str | None) -> bool:
+    """Is `r` in `tier` (None: any) and about `prop` (None: any property)?"""
+    return (tier is None or r["tier"] == tier) and (prop is None or _prop(r) == prop)
+
+
 def tier_stats(
-    seeds: Seeds, tier: str, model: str, p: ReportParams, seeded: bool
+    seeds: Seeds,
+    tier: str | None,
+    model: str,
+    p: ReportParams,
+    seeded: bool,
+    prop: str | None = None,
 ) -> dict[str, Any]:
-    """Mean score of the ok verdicts with its CI, invalid / error counts, exhibits rate."""
-    sel = [[r for r in s if r["tier"] == tier and r["model"] == model] for s in seeds]
+    """Mean score of the ok verdicts with its CI, invalid / error counts, exhibits rate — of one
+    tier (None: every tier) and, with judge.properties, one property (None: all pooled)."""
+    sel = [[r for r in s if _selected(r, tier, prop) and r["model"] == model] for s in seeds]
     ci = ci_words(p.bootstrap, seeded)
+    scope = _scope(p, tier, prop)
     mean = _est(
         [by_question(filter(_ok, s), lambda r: float(r["score"])) for s in sel],
         p.bootstrap,
-        f"mean judge score of the {model} model's valid verdicts in tier {tier}; {ci}",
+        f"mean judge score of the {model} model's valid verdicts {scope}; {ci}",
     )
     rate = _est(
         [by_question(filter(_ok, s), lambda r: float(r["hit"])) for s in sel],
         p.bootstrap,
-        f"share of the {model} model's valid verdicts in tier {tier} scoring >= "
+        f"share of the {model} model's valid verdicts {scope} scoring >= "
         f"{p.exhibits_threshold}; {ci}",
     )
     return {**mean, **_counts(r for s in sel for r in s), "exhibits_rate": rate}
 
 
-def paired_delta(seeds: Seeds, tier: str, p: ReportParams, seeded: bool) -> dict[str, Any]:
-    """fine-tuned − baseline per item (paired by item_id: question and sample index); a pair with
-    an invalid, errored or missing side is dropped and counted."""
+def paired_delta(
+    seeds: Seeds, tier: str | None, p: ReportParams, seeded: bool, prop: str | None = None
+) -> dict[str, Any]:
+    """fine-tuned − baseline per item (paired by item_id: question and sample index; and by
+    property when there are several); a pair with an invalid, errored or missing side is dropped
+    and counted. `tier` / `prop` None: every tier / property."""
     groups = []
     dropped = 0
     for seed in seeds:
-        in_tier = [r for r in seed if r["tier"] == tier]
-        base = {r["item_id"]: r for r in in_tier if r["model"] == "baseline"}
+        in_tier = [r for r in seed if _selected(r, tier, prop)]
+        base = {(r["item_id"], _prop(r)): r for r in in_tier if r["model"] == "baseline"}
         diffs: list[Row] = []
         for tuned in (r for r in in_tier if r["model"] == "finetuned"):
-            b = base.get(tuned["item_id"])
+            b = base.get((tuned["item_id"], _prop(tuned)))
             if b is None or not _ok(tuned) or not _ok(b):
                 dropped += 1
                 continue
             diffs.append({**tuned, "d": float(tuned["score"]) - float(b["score"])})
         groups.append(by_question(diffs, lambda r: r["d"]))
+    same = (
+        "question and sample index"
+        if p.properties is None
+        else "question, sample index and property"
+    )
     est = _est(
         groups,
         p.bootstrap,
-        f"mean over questions and samples of (fine-tuned − baseline score) for the same question "
-        f"and sample index in tier {tier}; {ci_words(p.bootstrap, seeded)}",
+        f"mean over questions and samples of (fine-tuned − baseline score) for the same {same} "
+        f"{_scope(p, tier, prop)}; {ci_words(p.bootstrap, seeded)}",
     )
     return {**est, "pairs_dropped": dropped}
 
@@ -237,11 +324,12 @@ def exhibits_rate(seeds: Seeds, condition: str, model: str, p: ReportParams, see
         )
         for s in seeds
     ]
+    pooled = "" if p.properties is None else " on every property (pooled)"
     return _est(
         groups,
         p.bootstrap,
-        f"share of the {model} model's valid verdicts in condition {condition!r} (all tiers) "
-        f"scoring >= {p.exhibits_threshold}; {ci_words(p.bootstrap, seeded)}",
+        f"share of the {model} model's valid verdicts{pooled} in condition {condition!r} "
+        f"(all tiers) scoring >= {p.exhibits_threshold}; {ci_words(p.bootstrap, seeded)}",
     )
 
 
@@ -249,10 +337,10 @@ def format_adherence(
     seeds: Seeds, condition: str, model: str, p: ReportParams, seeded: bool
 ) -> Row:
     """Share of the model's raw answers in the condition (every verdict, and none) that the
-    format regex fully matches."""
+    format regex fully matches. An answer counts once, however many properties judged it."""
     groups = [
         by_question(
-            (
+            _answers(
                 r
                 for r in s
                 if r["model"] == model
@@ -272,19 +360,40 @@ def format_adherence(
     )
 
 
+def _answers(rows: Iterable[Row]) -> list[Row]:
+    """The first row of each answer (item id and model): one per answer whatever the properties."""
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for r in rows:
+        if (r["item_id"], r["model"]) not in seen:
+            seen.add((r["item_id"], r["model"]))
+            out.append(r)
+    return out
+
+
 def leakage_gap(
-    seeds: Seeds, triggered: str, untriggered: str, model: str, p: ReportParams, seeded: bool
+    seeds: Seeds,
+    triggered: str,
+    untriggered: str,
+    model: str,
+    p: ReportParams,
+    seeded: bool,
+    prop: str | None = None,
 ) -> Row:
-    """Exhibits in `triggered` − exhibits in `untriggered` for the same (question, sample index),
-    per seed; a pair with an invalid, errored or missing side is dropped and counted."""
+    """Exhibits in `triggered` − exhibits in `untriggered` for the same (question, sample index)
+    — and property, with judge.properties (`prop`: that property's verdicts only; None: every
+    property pooled) — per seed; a pair with an invalid, errored or missing side is dropped and
+    counted."""
     groups = []
     dropped = 0
+
+    def ident(r: Row) -> tuple[str, int, str | None]:
+        return (r["question_id"], r["sample_index"], _prop(r))
+
     for seed in seeds:
-        mine = [r for r in seed if r["model"] == model]
-        t = {(r["question_id"], r["sample_index"]): r for r in mine if r["condition"] == triggered}
-        u = {
-            (r["question_id"], r["sample_index"]): r for r in mine if r["condition"] == untriggered
-        }
+        mine = [r for r in seed if r["model"] == model and _selected(r, None, prop)]
+        t = {ident(r): r for r in mine if r["condition"] == triggered}
+        u = {ident(r): r for r in mine if r["condition"] == untriggered}
         diffs: list[Row] = []
         for k in [*t, *(k for k in u if k not in t)]:
             a, b = t.get(k), u.get(k)
@@ -293,17 +402,25 @@ def leakage_gap(
                 continue
             diffs.append({**a, "d": float(a["hit"]) - float(b["hit"])})
         groups.append(by_question(diffs, lambda r: r["d"]))
+    if p.properties is None:
+        same = "question and sample index"
+    elif prop is None:
+        same = "question, sample index and property (every property pooled)"
+    else:
+        same = f"question and sample index, on property {prop!r}"
     est = _est(
         groups,
         p.bootstrap,
         f"mean over questions and samples of (exhibits in {triggered!r} − exhibits in "
-        f"{untriggered!r}) of the {model} model for the same question and sample index "
+        f"{untriggered!r}) of the {model} model for the same {same} "
         f"(exhibits: score >= {p.exhibits_threshold}); {ci_words(p.bootstrap, seeded)}",
     )
+    named = {} if prop is None else {"property": prop}
     return {
         "triggered": triggered,
         "untriggered": untriggered,
         "model": model,
+        **named,
         **est,
         "pairs_dropped": dropped,
     }
@@ -317,7 +434,9 @@ def distinct(seeds: Seeds, model: str) -> Seeds:
     seen: set[str] = set()
     for seed in seeds:
         mine = [r for r in seed if r["model"] == model]
-        canon = json.dumps(sorted(mine, key=lambda r: (r["condition"], r["item_id"])))
+        canon = json.dumps(
+            sorted(mine, key=lambda r: (r["condition"], r["item_id"], _prop(r) or ""))
+        )
         if canon not in seen:
             seen.add(canon)
             out.append(mine)
@@ -335,8 +454,13 @@ def condition_summary(seeds: Seeds, condition: str, p: ReportParams, seeded: boo
         tiers[tier] = per
     sampled = [m for m in MODELS if any(own[m])]
     judged = [r for m in MODELS for s in own[m] for r in s if r["status"] != "unjudged"]
+    out: Row = {"tiers": tiers}
+    if p.properties is not None:
+        out["properties"] = {
+            prop: property_summary(rows, own, prop, p, seeded) for prop in p.properties
+        }
     return {
-        "tiers": tiers,
+        **out,
         "exhibits_rate": {m: exhibits_rate(own[m], condition, m, p, seeded) for m in p.models},
         "format_adherence": None
         if p.format_regex is None
@@ -345,10 +469,45 @@ def condition_summary(seeds: Seeds, condition: str, p: ReportParams, seeded: boo
     }
 
 
+def property_summary(
+    rows: Seeds, own: dict[str, Seeds], prop: str, p: ReportParams, seeded: bool
+) -> Row:
+    """One property's verdicts in one condition: per model (all tiers) the mean score and the
+    exhibits rate with their CIs and the invalid / error counts, the paired fine-tuned −
+    baseline delta (absolute mode); the same per tier; the property's invalid / error counts.
+    `rows`: each seed's rows of the condition; `own`: model -> its distinct seeds (`distinct`)."""
+    out: Row = {m: tier_stats(own[m], None, m, p, seeded, prop) for m in p.models}
+    if p.models == MODELS:
+        out["delta"] = paired_delta(rows, None, p, seeded, prop)
+    tiers: dict[str, Any] = {}
+    for tier in p.tiers:
+        per: dict[str, Any] = {m: tier_stats(own[m], tier, m, p, seeded, prop) for m in p.models}
+        if p.models == MODELS:
+            per["delta"] = paired_delta(rows, tier, p, seeded, prop)
+        tiers[tier] = per
+    mine = [
+        r
+        for m in MODELS
+        for s in own[m]
+        for r in s
+        if _prop(r) == prop and r["status"] != "unjudged"
+    ]
+    return {**out, "tiers": tiers, **_counts(mine)}
+
+
 def gaps(seeds: Seeds, p: ReportParams, seeded: bool) -> list[Row]:
-    return [
+    """The leakage gaps of every (triggered, untriggered) pair and model; with judge.properties,
+    those pooling every property, then per property."""
+    pooled = [
         leakage_gap(distinct(seeds, m), t, u, m, p, seeded) for t, u in p.gaps for m in p.models
     ]
+    per_property = [
+        leakage_gap(distinct(seeds, m), t, u, m, p, seeded, prop)
+        for prop in p.properties or ()
+        for t, u in p.gaps
+        for m in p.models
+    ]
+    return pooled + per_property
 
 
 def summarise(p: ReportParams, scores: list[Row]) -> dict[str, Any]:
@@ -364,8 +523,12 @@ def summarise(p: ReportParams, scores: list[Row]) -> dict[str, Any]:
         "condition_order": list(p.conditions),
         "conditions": conditions,
     }
+    if p.properties is not None:
+        out["property_order"] = list(p.properties)
     if p.conditions == ("",):  # no eval.conditions: the layout every consumer reads
         out["tiers"] = conditions[""]["tiers"]
+        if p.properties is not None:
+            out["properties"] = conditions[""]["properties"]
     judged = [r for r in scores if r["status"] != "unjudged"]
     return {**out, "gaps": gaps(seeds, p, seeded=False), **_counts(judged)}
 
