@@ -344,3 +344,41 @@ def test_reading_replies():
     items, problem = parse_items("prose only", 1, 1, structured=True)
     assert items == [] and "no usable item" in problem
     assert parse_items('{"items": [["a"], ["b", "c"]]}', 2, 2) == ([["b", "c"]], "")
+
+
+# ------------------------------------------------------------------------------- bundled specs
+
+EXPERIMENTS = Path(__file__).parent.parent / "experiments"
+
+
+@pytest.mark.parametrize(
+    ("spec", "calls"),
+    [
+        # per fact (3): 1 types request, 10 ideas requests, 10 x 5 x 2 documents
+        ("generate-docs.yaml", 3 + 30 + 300),
+        # examples: 1 subtypes request, 20 prompts requests, 200 examples; situations: 4 + 20
+        ("properties.yaml", (1 + 20 + 200) + (4 + 20)),
+    ],
+)
+def test_the_production_generation_specs_plan_with_a_cost_preview(spec, calls, tmp_path, capsys):
+    from spar.cli import main
+
+    code = main(["plan", str(EXPERIMENTS / spec), "--runs-dir", str(tmp_path / "runs")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert f"generate calls {calls:,}" in out, out
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.jsonl"))
+
+
+@pytest.mark.parametrize("spec", ["demo-generate-docs.yaml", "demo-properties.yaml"])
+def test_the_offline_twins_validate_and_generate_with_the_local_engine(spec, tmp_path, capsys):
+    from spar.cli import main
+    from spar.spec import load_spec
+
+    s = load_spec(EXPERIMENTS / spec)
+    assert s.model.engine == "local" and s.judge.kind == "embedding"
+    assert all(g.generator.kind == "local" for g in s.generate.values())
+    code = main(["plan", str(EXPERIMENTS / spec), "--json", "--runs-dir", str(tmp_path / "r")])
+    stages = {p["stage"] for p in json.loads(capsys.readouterr().out)}
+    assert code == 0
+    assert {f"generate.{n}" for n in s.generate} <= stages
