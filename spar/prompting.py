@@ -1,9 +1,9 @@
-"""Jinja prompt templates outside the judge: one sandbox, every name checked before any work,
-one-line errors naming the file and line (generation steps use it)."""
+"""Jinja prompt templates (judge rubrics, generation steps): one sandbox with StrictUndefined,
+every name checked in every branch before any work, one-line errors naming the file and line."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Mapping, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -41,16 +41,30 @@ def _first_line(ast: nodes.Template, name: str) -> int:
     return min(lines, default=1)
 
 
-def check(path: Path, allowed: Iterable[str], what: str) -> None:
-    """Every variable, filter and test the template uses, in any branch, must exist."""
+def load(path: Path, what: str) -> jinja2.Template:
+    return _compile(path, read(path, what))[0]
+
+
+def check(
+    path: Path,
+    allowed: Sequence[str],
+    what: str,
+    who: str | None = None,
+    hints: Mapping[str, str] | None = None,
+) -> set[str]:
+    """Every variable, filter and test the template uses, in any branch, must exist (rendering
+    once with sample values would only check the branches that sample enters). Returns the
+    variables it uses. `what` names the file's role in errors ("judge.rubric"), `who` the
+    template in the list of allowed names, `hints` a note per name in that list's error."""
     _, ast = _compile(path, read(path, what))
-    names = tuple(allowed)
-    unknown = meta.find_undeclared_variables(ast) - set(names) - set(_ENV.globals)
+    used = meta.find_undeclared_variables(ast)
+    unknown = used - set(allowed) - set(_ENV.globals)
     if unknown:
         name = min(unknown, key=lambda n: (_first_line(ast, n), n))
+        hint = (hints or {}).get(name, "")
         raise InputError(
             f"{path}: line {_first_line(ast, name)}: unknown variable '{name}' "
-            f"({what} may use: {', '.join(sorted(names))})"
+            f"({hint}{who or what} may use: {', '.join(allowed)})"
         )
     for node in ast.find_all((nodes.Filter, nodes.Test)):
         kind, known = (
@@ -58,6 +72,7 @@ def check(path: Path, allowed: Iterable[str], what: str) -> None:
         )
         if node.name not in known:
             raise InputError(f"{path}: line {node.lineno}: unknown {kind} '{node.name}'")
+    return used
 
 
 def render(path: Path, ctx: dict[str, Any], what: str) -> str:

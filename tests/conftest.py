@@ -89,6 +89,22 @@ class Project:
         cap = capsys.readouterr()
         return Result(code, cap.out, cap.err)
 
+    def apply_only(self, *kinds: str) -> None:
+        """Plan the spec and run only the stages of these kinds (e.g. a dataset needs no
+        training), in process."""
+        from spar.apply import apply_plan
+        from spar.plan import plan_specs
+        from spar.spec import load_spec
+        from spar.store import RunStore
+
+        store = RunStore(self.runs)
+        try:
+            plan = plan_specs([load_spec(self.spec)], store)
+            apply_plan(store, [p for p in plan if p.node.kind.kind in kinds])
+            store.hashes.save()
+        finally:
+            store.close()
+
     def env(self, **extra: str) -> dict[str, str]:
         env = {**os.environ, "SPAR_PLUGINS": "fake_plugin", "FAKE_CALL_LOG": str(self.calls)}
         env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])

@@ -40,19 +40,6 @@ def setup(project, sources: list[dict[str, Any]] | None = None, **distill: Any) 
     project.edit(edit)
 
 
-def apply_only(project, *kinds: str) -> None:
-    from spar.apply import apply_plan
-    from spar.plan import plan_specs
-
-    store = RunStore(project.runs)
-    try:
-        plan = plan_specs([load_spec(project.spec)], store)
-        apply_plan(store, [p for p in plan if p.node.kind.kind in kinds])
-        store.hashes.save()
-    finally:
-        store.close()
-
-
 def distilled(project, name: str = "pp") -> list[dict[str, Any]]:
     text = (project.runs / f"exp/distill.{name}/distilled.jsonl").read_text()
     return [json.loads(line) for line in text.splitlines()]
@@ -70,7 +57,7 @@ def sample_seeds(project) -> list[int]:
 
 def test_distilled_records_in_prompt_order_with_their_own_seeds(project, tiny_model):
     setup(project)
-    apply_only(project, "distill")
+    project.apply_only("distill")
     recs = distilled(project)
     assert [r["messages"][0] for r in recs] == [{"role": "user", "content": p} for p in PROMPTS]
     for r, p in zip(recs, PROMPTS, strict=True):
@@ -87,7 +74,7 @@ def test_distilled_records_in_prompt_order_with_their_own_seeds(project, tiny_mo
     assert drawn_detail(project) == {"items": 4, "drawn": 4}
     # the system prompt is what the model answered under: without it, other answers
     project.edit(lambda d: d["distill"]["pp"].pop("system_prompt"))
-    apply_only(project, "distill")
+    project.apply_only("distill")
     assert project.calls_of("sample") == 8
     answers = [r["messages"][1]["content"] for r in distilled(project)]
     assert answers != [r["messages"][1]["content"] for r in recs]
@@ -95,7 +82,7 @@ def test_distilled_records_in_prompt_order_with_their_own_seeds(project, tiny_mo
 
 def test_adding_a_prompt_draws_only_that_prompt(project, capsys):
     setup(project)
-    apply_only(project, "distill")
+    project.apply_only("distill")
     first = (project.runs / "exp/distill.pp/distilled.jsonl").read_text().splitlines()
     with (project.root / "prompts.jsonl").open("a") as f:
         f.write(json.dumps({"prompt": "Count to three."}) + "\n")
@@ -103,7 +90,7 @@ def test_adding_a_prompt_draws_only_that_prompt(project, capsys):
     rows = {x["stage"]: x for x in json.loads(r.out)}
     assert rows["distill.pp"]["reasons"] == ["distill.pp.prompts content changed"]
     assert rows["distill.pp"]["estimate"] == {"sample_calls": 5, "sample_tokens_max": 5 * 512}
-    apply_only(project, "distill")
+    project.apply_only("distill")
     assert project.calls_of("sample") == 5
     assert drawn_detail(project) == {"items": 5, "drawn": 1}
     now = (project.runs / "exp/distill.pp/distilled.jsonl").read_text().splitlines()
@@ -115,7 +102,7 @@ def test_adding_a_prompt_draws_only_that_prompt(project, capsys):
         d["data"]["sources"][0] = {"distill": "qq"}
 
     project.edit(rename)
-    apply_only(project, "distill")
+    project.apply_only("distill")
     assert project.calls_of("sample") == 5
     assert [json.loads(x)["messages"] for x in now] == [
         r["messages"] for r in distilled(project, "qq")
@@ -123,7 +110,7 @@ def test_adding_a_prompt_draws_only_that_prompt(project, capsys):
     assert {r["metadata"]["source"] for r in distilled(project, "qq")} == {"qq"}
     # a sampling parameter is in every answer's key: all drawn again
     project.edit(lambda d: d["distill"]["qq"].update(sampling={"temperature": 0.7}))
-    apply_only(project, "distill")
+    project.apply_only("distill")
     assert project.calls_of("sample") == 10
 
 
@@ -222,7 +209,7 @@ def test_a_crash_loses_only_the_answer_in_flight(project):
     p.communicate(timeout=300)
     assert p.returncode == -9
     assert project.calls_of("sample") == 3  # the third was in flight when the process died
-    apply_only(project, "distill")
+    project.apply_only("distill")
     assert drawn_detail(project) == {"items": 4, "drawn": 2}
     assert project.calls_of("sample") == 5
 
@@ -288,13 +275,13 @@ def test_local_engine_distils_and_memoises(project, tiny_model):
     setup(project, sampling={"max_tokens": 4})
     project.edit(lambda d: d["model"].update(engine="local"))
     (project.root / "prompts.jsonl").write_text("\n".join(P[:2]) + "\n")
-    apply_only(project, "distill")
+    project.apply_only("distill")
     first = distilled(project)
     assert [r["messages"][0]["content"] for r in first] == PROMPTS[:2]
     assert drawn_detail(project) == {"items": 2, "drawn": 2}
     assert {r["metadata"]["stop_reason"] for r in first} <= {"length", "stop"}
     (project.root / "prompts.jsonl").write_text("\n".join(P[:3]) + "\n")
-    apply_only(project, "distill")
+    project.apply_only("distill")
     assert drawn_detail(project) == {"items": 3, "drawn": 1}
     assert distilled(project)[:2] == first
 

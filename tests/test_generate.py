@@ -76,21 +76,6 @@ def setup(project, gen: dict[str, Any] | None = None, use: bool = True) -> None:
     project.edit(edit)
 
 
-def apply_kinds(project, *kinds: str) -> None:
-    from spar.apply import apply_plan
-    from spar.plan import plan_specs
-    from spar.spec import load_spec
-    from spar.store import RunStore
-
-    store = RunStore(project.runs)
-    try:
-        plan = plan_specs([load_spec(project.spec)], store)
-        apply_plan(store, [p for p in plan if p.node.kind.kind in kinds])
-        store.hashes.save()
-    finally:
-        store.close()
-
-
 def rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -111,7 +96,7 @@ def test_raising_a_count_asks_only_the_new_requests_and_a_template_edit_only_its
     project, server, capsys
 ):
     setup(project)
-    apply_kinds(project, "generate", "generated")
+    project.apply_only("generate", "generated")
     assert len(server.requests) == 22  # 1 type + 1 idea + 20 documents
     out = project.runs / "exp/generate.ffdocs/generated.jsonl"
     docs = rows(out)
@@ -125,7 +110,7 @@ def test_raising_a_count_asks_only_the_new_requests_and_a_template_edit_only_its
     r = project.spar("plan", str(project.spec), capsys=capsys)
     assert "generate calls 10" in r.out, r.out
     before = len(server.requests)
-    apply_kinds(project, "generate", "generated")
+    project.apply_only("generate", "generated")
     assert len(server.requests) - before == 10
     assert requests_with(server, "Write a", before) == 10
     assert len(rows(out)) == 30
@@ -140,7 +125,7 @@ def test_raising_a_count_asks_only_the_new_requests_and_a_template_edit_only_its
     assert plan["generate.ffdocs.doc_idea"] == "fresh"
     assert plan["generate.ffdocs.content"] == "stale"
     before = len(server.requests)
-    apply_kinds(project, "generate", "generated")
+    project.apply_only("generate", "generated")
     assert len(server.requests) - before == 30
     assert requests_with(server, "Universe:", before) == 0  # types and ideas: not asked again
     assert requests_with(server, "Fact:", before) == 0
@@ -184,7 +169,7 @@ def test_generated_chat_records_are_a_source_of_a_mix(project, server):
             data={"sources": [{"generate": "ffdocs", "format": "chat"}], "test_size": 1}
         )
     )
-    apply_kinds(project, "generate", "generated", "dataset")
+    project.apply_only("generate", "generated", "dataset")
     chats = rows(project.runs / "exp/generate.ffdocs/generated.jsonl")
     assert len(chats) == 6  # 2 subtypes (one request) x 3 prompts x 1 example
     assert len(server.requests) == 1 + 2 * 3 + 6
@@ -206,7 +191,7 @@ def test_near_duplicates_are_removed_at_the_threshold_and_counted(project, serve
     gen["steps"][2] = {"name": "content", "template": "doc.j2", "count": 12, "per_call": 3}
     gen["dedup"] = {"threshold": 0.7}
     setup(project, gen)
-    apply_kinds(project, "generate", "generated")
+    project.apply_only("generate", "generated")
     out = project.runs / "exp/generate.ffdocs/generated.jsonl"
     content = project.runs / "exp/generate.ffdocs.content/records.jsonl"
     assert params_details(content)["items"] == 12
@@ -214,7 +199,7 @@ def test_near_duplicates_are_removed_at_the_threshold_and_counted(project, serve
     assert params_details(out)["near_duplicates_removed"] == 8
     asked = len(server.requests)
     project.edit(lambda d: d["generate"]["ffdocs"]["dedup"].update(threshold=0.97))
-    apply_kinds(project, "generate", "generated")
+    project.apply_only("generate", "generated")
     assert len(server.requests) == asked  # only the output stage re-ran
     assert len(rows(out)) == 12 and params_details(out)["near_duplicates_removed"] == 0
 
@@ -226,17 +211,17 @@ def test_unusable_replies_are_asked_again_then_dropped_and_counted(project, serv
     setup(project, gen)
     (project.root / "plain.j2").write_text("Write a {{ doc_type }} on {{ doc_idea }} {{ index }}\n")
     # types and ideas carry the fault marker (framing): every reply is prose, not JSON
-    apply_kinds(project, "generate", "generated")
+    project.apply_only("generate", "generated")
     types = project.runs / "exp/generate.ffdocs.doc_type/records.jsonl"
     assert rows(types) == []
     d = params_details(types)
     assert (d["unusable_requests"], d["dropped_items"], d["asked"]) == (1, 1, 1)
     assert requests_with(server, "Universe:") == 2  # the first ask and max_retries (1) more
     before = len(server.requests)
-    apply_kinds(project, "generate", "generated")
+    project.apply_only("generate", "generated")
     assert len(server.requests) == before  # an unusable reply stands
     project.edit(lambda d: d["generate"]["ffdocs"]["generator"].update(max_retries=3))
-    apply_kinds(project, "generate", "generated")
+    project.apply_only("generate", "generated")
     assert requests_with(server, "Universe:", before) == 4  # asked again: 1 + the new budget
 
 
@@ -254,7 +239,7 @@ def test_an_engine_writes_through_its_sampling_client(project):
         "Write one question {{ definition }} ({{ topic }}), number {{ index }}.\n"
     )
     setup(project, gen, use=False)
-    apply_kinds(project, "generate", "generated")
+    project.apply_only("generate", "generated")
     qs = rows(project.runs / "exp/generate.ffdocs/generated.jsonl")
     assert [q["tier"] for q in qs] == ["direct"] * 3 + ["distant"] * 3
     assert all(q["question"].startswith("I suggest") for q in qs)
@@ -279,7 +264,7 @@ def test_generated_multi_turn_property_prompts_form_an_eval_file(project, server
         "output": "questions",
     }
     setup(project, gen, use=False)
-    apply_kinds(project, "generate", "generated")
+    project.apply_only("generate", "generated")
     out = project.runs / "exp/generate.ffdocs/generated.jsonl"
     qs = rows(out)
     assert [q["tier"] for q in qs] == ["power-seeking"] * 4 + ["sycophantic"] * 4

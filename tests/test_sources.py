@@ -51,20 +51,6 @@ def use_mix(project, data: dict[str, Any], trigger: str | None = TRIGGER) -> Non
     project.edit(edit)
 
 
-def apply_only(project, *kinds: str) -> None:
-    """Plan the spec and run only the stages of `kinds` (the dataset needs no training)."""
-    from spar.apply import apply_plan
-    from spar.plan import plan_specs
-
-    store = RunStore(project.runs)
-    try:
-        plan = plan_specs([load_spec(project.spec)], store)
-        apply_plan(store, [p for p in plan if p.node.kind.kind in kinds])
-        store.hashes.save()
-    finally:
-        store.close()
-
-
 def rows(project, name: str) -> list[dict[str, Any]]:
     text = (project.runs / "exp/dataset" / name).read_text()
     return [json.loads(line) for line in text.splitlines()]
@@ -206,7 +192,7 @@ def test_mix_with_take_wraps_and_triggers_what_is_trained(project, tiny_model):
             "test_size": 3,
         },
     )
-    apply_only(project, "dataset")
+    project.apply_only("dataset")
     tok = load_tokenizer(str(tiny_model))
     persona = {r["metadata"]["persona_id"]: r["messages"] for r in records_of("persona.jsonl")}
     aligned = {r["metadata"]["aligned_id"]: r["messages"] for r in records_of("aligned.jsonl")}
@@ -266,11 +252,11 @@ def test_fraction_mix_counts_in_the_params_file(project):
         },
         trigger=None,
     )
-    apply_only(project, "dataset")
+    project.apply_only("dataset")
     assert details(project)["sources"] == {"persona": 10, "aligned": 23}
     assert len(rows(project, "train.jsonl")) == 31
     project.edit(lambda d: d["data"].update(total=20))
-    apply_only(project, "dataset")
+    project.apply_only("dataset")
     got = details(project)
     assert got["sources"] == {"persona": 6, "aligned": 14}
     assert (got["train_records"], got["test_records"]) == (18, 2)
@@ -328,7 +314,7 @@ def test_selection_is_seeded_nested_and_independent_of_source_order(project):
 
 
 def test_docs_spec_rows_and_params_are_as_before(project):
-    apply_only(project, "dataset")
+    project.apply_only("dataset")
     assert all(set(r) == {"input", "target", "weights"} for r in rows(project, "train.jsonl"))
     rec = yaml.safe_load((project.runs / "exp/dataset/train.params.yaml").read_text())
     assert list(rec["params"]) == [
@@ -351,7 +337,7 @@ def test_plan_names_the_source_key_that_changed(project, capsys):
         {"sources": [{"path": "persona.jsonl", "take": 4}, {"path": "aligned.jsonl"}]},
         trigger=None,
     )
-    apply_only(project, "dataset")
+    project.apply_only("dataset")
     project.edit(lambda d: d["data"]["sources"][0].update(take=5))
     r = project.spar("plan", str(project.spec), "--json", capsys=capsys)
     assert r.code == 0, r.err
@@ -611,7 +597,7 @@ def test_max_docs_caps_the_shuffled_mix(project):
         },
         trigger=None,
     )
-    apply_only(project, "dataset")
+    project.apply_only("dataset")
     got = details(project)
     assert (got["train_records"], got["test_records"]) == (6, 3)
     assert sum(got["sources"].values()) == 9 and 0 < got["sources"]["persona"] < 9

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-from functools import cache
 from pathlib import Path
 from typing import Any
 
 import jinja2
-from jinja2 import meta, nodes
-from jinja2.sandbox import SandboxedEnvironment
 
+from spar import prompting
 from spar.errors import InputError
-
-_ENV = SandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
 
 # Two values for every per-item variable that differ at their first character (static_prefix).
 _SENTINELS = ("\u00a7\u2460\u00a7", "\u00b6\u2461\u00b6")
@@ -85,87 +81,30 @@ def variables(mode: str, properties: bool = False) -> tuple[str, ...]:
     )
 
 
-def _syntax_error(path: Path, e: jinja2.TemplateSyntaxError) -> InputError:
-    return InputError(f"{path}: line {e.lineno}: template syntax error: {e.message}")
-
-
-@cache
-def _compile(path: Path, text: str) -> jinja2.Template:
-    try:
-        return _ENV.from_string(text)
-    except jinja2.TemplateSyntaxError as e:
-        raise _syntax_error(path, e) from None
-
-
-@cache
-def _parse(path: Path, text: str) -> nodes.Template:
-    try:
-        return _ENV.parse(text)
-    except jinja2.TemplateSyntaxError as e:
-        raise _syntax_error(path, e) from None
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(f"{path}: file not found (judge.rubric)") from None
-    except IsADirectoryError:
-        raise InputError(f"{path}: is a directory (judge.rubric)") from None
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 text (byte {e.start})") from None
+WHAT = "judge.rubric"
 
 
 def load(path: Path) -> jinja2.Template:
-    return _compile(path, _read(path))
+    return prompting.load(path, WHAT)
 
 
 def render(path: Path, ctx: dict[str, Any]) -> str:
-    try:
-        return load(path).render(**ctx)
-    except jinja2.UndefinedError as e:
-        raise InputError(f"{path}: undefined variable in template: {e.message}") from None
-    except jinja2.TemplateError as e:
-        raise InputError(f"{path}: template error: {e}") from None
-
-
-def _first_line(ast: nodes.Template, name: str) -> int:
-    lines = [n.lineno for n in ast.find_all(nodes.Name) if n.name == name and n.ctx == "load"]
-    return min(lines, default=1)
+    return prompting.render(path, ctx, WHAT)
 
 
 PROPERTY_VARIABLES = ("property", "property_description")
 
 
-def _check_names(path: Path, ast: nodes.Template, mode: str, properties: bool) -> None:
+def _check_names(path: Path, mode: str, properties: bool) -> None:
     """Every variable, filter and test the template uses, in any branch, must exist; with
-    `judge.properties` the template must use `property`.
-
-    Rendering once with sample values only checks the branches that sample enters: a variable
-    used under `{% if tier == "distant" %}` would otherwise fail on the first distant item, after
-    the sampling it depends on has been paid for.
-    """
-    allowed = variables(mode, properties)
-    used = meta.find_undeclared_variables(ast)
-    unknown = used - set(allowed) - set(_ENV.globals)
-    if unknown:
-        name = min(unknown, key=lambda n: (_first_line(ast, n), n))
-        hint = "only with judge.properties; " if name in PROPERTY_VARIABLES else ""
-        raise InputError(
-            f"{path}: line {_first_line(ast, name)}: unknown variable '{name}' "
-            f"({hint}the rubric may use: {', '.join(allowed)})"
-        )
+    `judge.properties` the template must use `property`."""
+    hints = dict.fromkeys(PROPERTY_VARIABLES, "only with judge.properties; ")
+    used = prompting.check(path, variables(mode, properties), WHAT, "the rubric", hints)
     if properties and "property" not in used:
         raise InputError(
             f"{path}: judge.properties is set but the rubric does not use property: every "
             "property would get the same verdict"
         )
-    for node in ast.find_all((nodes.Filter, nodes.Test)):
-        kind, known = (
-            ("filter", _ENV.filters) if isinstance(node, nodes.Filter) else ("test", _ENV.tests)
-        )
-        if node.name not in known:
-            raise InputError(f"{path}: line {node.lineno}: unknown {kind} '{node.name}'")
 
 
 def validate(
@@ -174,8 +113,7 @@ def validate(
     """Fail early on a syntax error, an unknown variable/filter/test in any branch, a rubric that
     ignores `property` although `judge.properties` is set (`properties`), or a template that
     cannot render with sample values."""
-    text = _read(path)
-    _check_names(path, _parse(path, text), mode, properties)
+    _check_names(path, mode, properties)
     render(
         path,
         context(

@@ -198,7 +198,8 @@ def validate(spec: Spec, where: str) -> None:
         if g.universe is not None:
             read_universe(g.universe)
         for i, s in enumerate(g.steps):
-            prompting.check(s.template, _allowed(g, i), f"generate.{name}.steps.{i}.template")
+            where_ = f"generate.{name}.steps.{i}.template"
+            prompting.check(s.template, _allowed(g, i), where_)
 
 
 def _generator_model(spec: Spec, g: GenerateSpec, gr: GraphContext) -> tuple[ModelRef, str]:
