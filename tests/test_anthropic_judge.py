@@ -6,6 +6,8 @@ dummy. Assertions are on counts and outcomes the server recorded, never on durat
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import re
 import signal
@@ -273,31 +275,179 @@ def test_scores_are_ints(server: AnthropicServer, batch: bool) -> None:
 
 
 def test_a_slot_is_freed_only_once_the_stage_has_taken_the_verdict(
-    server: AnthropicServer,
+    server: AnthropicServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # What a crash can lose is bounded by `concurrency`: while the stage holds a verdict (it is
-    # journaling it), that item's slot stays taken, so no further request is sent.
-    reqs = requests_for([f"answer {n}" for n in range(10)])
-    verdicts = AnthropicJudge(config()).judge_many(reqs, concurrency=2)
-    first = next(verdicts)
-    assert not server.wait_for(lambda s: len(s.requests) > 2, timeout=1.0)
-    rest = list(verdicts)
-    assert sorted(i for i, _ in [first, *rest]) == list(range(10))
-    assert len(server.requests) == 10
+    # journaling it), that item's slot stays taken, so no further request is sent. Checked as an
+    # order of events, not a duration: while the stage journals its k-th verdict, the server has
+    # received exactly k - 1 + concurrency requests (the initial slots, plus one per verdict
+    # journaled before). "While journaling" = after the judge's event loop has run everything it
+    # could (it is idle) and every request it started has reached the server. Fails if
+    # wire.Run.emit (or direct's worker) freed a slot when the verdict was handed over rather
+    # than when the stage took it: one more request reaches the server during every journaling.
+    from spar.judges.anthropic import wire
+
+    concurrency, n = 2, 12
+    reqs = requests_for([f"answer {k}" for k in range(n)])
+    started: list[str] = []
+    loops: list[asyncio.AbstractEventLoop] = []
+    real_create = wire.Run.create
+
+    async def create(self: wire.Run, params: dict) -> object:
+        loops[:] = [asyncio.get_running_loop()]
+        started.append(params["messages"][0]["content"])
+        return await real_create(self, params)
+
+    monkeypatch.setattr(wire.Run, "create", create)
+
+    def settle() -> None:
+        """Let the judge's loop run until it has nothing left to do without the stage (or
+        until it ended: every request was sent, nothing is left to do at all)."""
+
+        loop, idle = loops[0], threading.Event()
+
+        def step(left: int) -> None:  # one loop iteration per step: every ready task runs
+            if left:
+                loop.call_soon(step, left - 1)
+            else:
+                idle.set()
+
+        if len(started) < n and loop.is_running():
+            with contextlib.suppress(RuntimeError):  # closed meanwhile: nothing left to run
+                loop.call_soon_threadsafe(step, 200)
+                while not idle.is_set() and loop.is_running():
+                    idle.wait(0.05)
+        assert server.wait_for(lambda s: len(s.requests) >= len(started), timeout=30)
+
+    seen_while_journaling: list[int] = []
+    taken: list[int] = []
+    for i, v in AnthropicJudge(config()).judge_many(reqs, concurrency):
+        assert v == ok(reqs[i])
+        settle()
+        with server._cond:
+            seen_while_journaling.append(len(server.requests))
+        taken.append(i)
+    assert sorted(taken) == list(range(n))
+    assert len(server.requests) == n and sorted(started) == sorted(r.prompt for r in reqs)
+    assert seen_while_journaling == [min(n, k - 1 + concurrency) for k in range(1, n + 1)]
 
 
 def test_authentication_error_aborts_with_one_line(
     server: AnthropicServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The server's 401 quotes the key it was sent (`(key ...)`): the line must name it as ***.
+    # Fails if wire.describe did not replace the key (`secret` ignored): the key is in the line.
     key = "fake-wrong-key-0123456789"
+    server.api_key = key
     monkeypatch.setenv("ANTHROPIC_API_KEY", key)
-    reqs = requests_for([f"answer {n}" for n in range(40)])
+    reqs = requests_for([f"[[faults: 401+]] answer {n}" for n in range(40)])
     with pytest.raises(RunError) as e:
         list(AnthropicJudge(config()).judge_many(reqs, concurrency=4))
     msg = str(e.value)
-    assert "401 authentication_error" in msg and "\n" not in msg
+    assert "401 authentication_error: invalid x-api-key (key ***)" in msg and "\n" not in msg
     assert key not in msg and "0123456789" not in msg
     assert len(server.requests) <= 4  # it stopped; it did not try every item
+    assert all(s.outcome == "401" for s in server.requests)
+
+
+@pytest.mark.parametrize(
+    ("status", "kind"),
+    [("402", "billing_error"), ("403", "permission_error"), ("404", "not_found_error")],
+)
+def test_billing_permission_and_unknown_model_stop_with_one_line(
+    server: AnthropicServer, monkeypatch: pytest.MonkeyPatch, status: str, kind: str
+) -> None:
+    # Fails if the status left wire.FATAL (the SDK does not retry a 4xx: each item would end as
+    # an `error` verdict and all 40 be asked), or if the key the server quoted were not replaced.
+    key = "fake-billing-key-9876543210"
+    server.api_key = key
+    monkeypatch.setenv("ANTHROPIC_API_KEY", key)
+    reqs = requests_for([f"[[faults: {status}+]] answer {n}" for n in range(40)])
+    with pytest.raises(RunError) as e:
+        list(AnthropicJudge(config(), max_retries=2).judge_many(reqs, concurrency=4))
+    msg = str(e.value)
+    assert msg.startswith(f"judge anthropic: {status} {kind}: ") and "\n" not in msg
+    assert "(key ***)" in msg and key not in msg
+    assert len(server.requests) <= 4  # stopped at once: nothing retried, not every item tried
+    assert max(server.prompts().values()) == 1
+
+
+def test_a_dropped_connection_is_retried(server: AnthropicServer) -> None:
+    # Fails if spar caught connection errors itself instead of letting the SDK retry them, or
+    # if a connection that stays down were not an `error` verdict after max_retries.
+    reqs = requests_for(
+        ["[[faults: drop]] farm", "[[faults: drop, drop]] animal", "[[faults: drop+]] x"]
+    )
+    out = judge_all(AnthropicJudge(config(), max_retries=2), reqs)
+    counts = server.prompts()
+    assert out[0] == ok(reqs[0]) and counts[reqs[0].prompt] == 2
+    assert out[1] == ok(reqs[1]) and counts[reqs[1].prompt] == 3
+    assert (out[2].status, out[2].score, out[2].asks) == ("error", None, 1)
+    assert out[2].reasoning == "API error after 2 retries: connection failed"
+    assert counts[reqs[2].prompt] == 3
+    retries = [
+        s.headers.get("x-stainless-retry-count")
+        for s in server.requests
+        if s.prompt == reqs[1].prompt
+    ]
+    assert retries == ["0", "1", "2"]
+
+
+def test_retries_and_timeout_come_from_the_environment(
+    server: AnthropicServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SPAR_ANTHROPIC_MAX_RETRIES and SPAR_ANTHROPIC_TIMEOUT, as the README promises. Fails if
+    # either were ignored (env_number not read: the default 4 retries; a 120 s timeout, so the
+    # hung request is never retried within the test's bound).
+    monkeypatch.setenv("SPAR_ANTHROPIC_MAX_RETRIES", "3")
+    reqs = requests_for(["[[faults: 500+]] farm"])
+    (v,) = judge_all(AnthropicJudge(config()), reqs).values()
+    assert v.status == "error" and v.reasoning.startswith("API error after 3 retries: 500")
+    assert server.prompts()[reqs[0].prompt] == 1 + 3
+
+    monkeypatch.setenv("SPAR_ANTHROPIC_MAX_RETRIES", "0")
+    reqs = requests_for(["[[faults: 529, ok]] animal"])
+    (v,) = judge_all(AnthropicJudge(config()), reqs).values()
+    assert v.status == "error" and server.prompts()[reqs[0].prompt] == 1
+
+    monkeypatch.setenv("SPAR_ANTHROPIC_MAX_RETRIES", "2")
+    monkeypatch.setenv("SPAR_ANTHROPIC_TIMEOUT", "0.5")
+    reqs = requests_for(["[[faults: hang, ok]] livestock"])
+    judge = AnthropicJudge(config())
+    pairs = within(30, lambda: list(judge.judge_many(reqs, 1)))
+    assert pairs == [(0, ok(reqs[0]))]  # type: ignore[comparison-overlap]
+    hung = [s for s in server.requests if s.prompt == reqs[0].prompt]
+    assert [s.outcome for s in hung] == ["hang", "ok"]
+
+    for name, value in (("SPAR_ANTHROPIC_TIMEOUT", "soon"), ("SPAR_ANTHROPIC_MAX_RETRIES", "-1")):
+        monkeypatch.setenv(name, value)
+        with pytest.raises(RunError, match=name):
+            AnthropicJudge(config())
+        monkeypatch.delenv(name)
+
+
+def test_the_request_asks_for_structured_output(server: AnthropicServer) -> None:
+    # The answer is asked for as JSON through structured outputs: output_config.format is a JSON
+    # schema whose score is an enum of the scale's integers. Fails if params() dropped the
+    # output_config, or score_schema took the wrong bounds (an off-by-one leaves out scale_max).
+    reqs = [
+        JudgeRequest(prompt="Rate: farm", question="q", response="farm", scale_min=1, scale_max=5),
+        JudgeRequest(prompt="Rate: tea", question="q", response="tea", scale_min=0, scale_max=10),
+    ]
+    judge_all(AnthropicJudge(config(max_tokens=77)), reqs)
+    bodies = {s.prompt: s.body for s in server.requests}
+    for req, scores in ((reqs[0], [1, 2, 3, 4, 5]), (reqs[1], list(range(11)))):
+        body = bodies[req.prompt]
+        assert set(body) == {"model", "max_tokens", "messages", "output_config"}
+        assert (body["model"], body["max_tokens"]) == ("claude-test", 77)
+        assert body["messages"] == [{"role": "user", "content": req.prompt}]
+        fmt = body["output_config"]["format"]
+        assert fmt["type"] == "json_schema"
+        schema = fmt["schema"]
+        assert schema["type"] == "object" and schema["additionalProperties"] is False
+        assert sorted(schema["required"]) == ["reasoning", "score"]
+        assert schema["properties"]["reasoning"]["type"] == "string"
+        assert schema["properties"]["score"]["enum"] == scores
 
 
 def test_no_credentials_aborts(

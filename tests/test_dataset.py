@@ -93,7 +93,13 @@ def test_chat_records_train_all_assistant_turns(project, capsys, tiny_model):
     project.edit(lambda d: d["data"].update(docs="chat.jsonl", format="chat", test_size=1))
     assert project.spar("apply", str(project.spec), capsys=capsys).code == 0
     tok = load_tokenizer(str(tiny_model))
-    for row in rows(project, "train.jsonl"):
+    train, test = rows(project, "train.jsonl"), rows(project, "test.jsonl")
+    assert (len(train), len(test)) == (3, 1)  # the loop below must see every record
+    seen = []
+    for row in train + test:
         trained = tok.decode(split_tokens(row)[0])
-        assert "Answer" in trained and "Second" in trained
-        assert "Question" not in trained and "Be terse" not in trained
+        (i,) = [i for i in range(4) if f"Answer {i}." in trained]
+        assert f"Second {i}." in trained
+        assert "Question" not in trained and "Be terse" not in trained and "More?" not in trained
+        seen.append(i)
+    assert sorted(seen) == [0, 1, 2, 3]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from spar.judges.base import JudgeConfig, JudgeRequest
 from spar.judges.embedding import EmbeddingJudge
 from spar.judges.rubric import context, render
@@ -83,3 +85,48 @@ def test_the_registry_builds_it_with_the_factory_signature():
     judge = get_judge(JUDGE, batch=True, journal=None)
     assert isinstance(judge, EmbeddingJudge)
     assert receives(judge_factory("embedding")) == frozenset()  # it sends none of them
+
+
+def test_similarity_maps_linearly_onto_the_scale(monkeypatch):
+    """README: absolute mode 0.10 -> scale.min and 0.55 -> scale.max; pairwise (fine-tuned minus
+    baseline similarity) 0 -> scale.min and 0.35 -> scale.max; linear between, clamped outside.
+    The embeddings are stood in for, so each answer has exactly the similarity its text names."""
+    # Fails if a calibration point moved (ABS_LOW, ABS_HIGH, PAIR_HIGH), the map were not linear
+    # or not clamped, the scale's bounds were ignored, or pairwise used the answer's similarity
+    # alone (or baseline minus fine-tuned).
+    import math
+
+    import torch
+
+    import spar.judges.embedding as embedding
+
+    def vector(text: str) -> list[float]:
+        if not text.startswith("sim="):  # the rendered reference text, or no baseline
+            return [1.0, 0.0]
+        x = float(text.removeprefix("sim="))
+        return [x, math.sqrt(1 - x * x)]
+
+    monkeypatch.setattr(
+        embedding, "embed", lambda name, texts: torch.tensor([vector(t) for t in texts])
+    )
+
+    def score(sim: float, base: float | None = None, lo: int = 1, hi: int = 5) -> float:
+        req = JudgeRequest(
+            prompt="the reference",
+            question="Q?",
+            response=f"sim={sim}",
+            baseline_response=None if base is None else f"sim={base}",
+            scale_min=lo,
+            scale_max=hi,
+        )
+        ((_, v),) = EmbeddingJudge(JUDGE).judge_many([req], concurrency=1)
+        assert v.status == "ok" and v.score is not None
+        return v.score
+
+    absolute = {0.0: 1, 0.10: 1, 0.2125: 2, 0.325: 3, 0.4375: 4, 0.55: 5, 0.9: 5}
+    assert {s: score(s) for s in absolute} == pytest.approx(absolute)
+    assert score(0.325, lo=0, hi=10) == pytest.approx(5.0)
+    assert score(0.19, lo=0, hi=10) == pytest.approx(2.0)
+    pairwise = {(0.5, 0.7): 1, (0.5, 0.5): 1, (0.5, 0.4125): 2, (0.6, 0.425): 3, (0.9, 0.55): 5}
+    assert {k: score(*k) for k in pairwise} == pytest.approx(pairwise)
+    assert score(0.5, 0.5 - 0.0875, lo=0, hi=10) == pytest.approx(2.5)

@@ -59,6 +59,44 @@ def test_same_seed_same_samples_other_seed_differs(tiny, tmp_path):
     assert all(len(t) <= 12 for t in a)
 
 
+def test_a_seed_gives_the_same_sample_whatever_else_is_in_the_batch(tiny, tmp_path):
+    """The item memo relies on it: a sample depends only on its prompt and its own seed, not on
+    the other requests queued with it (their number, prompt lengths, seeds) or its place in the
+    left-padded batch. Sample k of a request has seed `seed + k`."""
+    # Fails if the rows of a batch shared one generator, or if left padding leaked into a row's
+    # result (position ids counted from the padded start, padding not masked out).
+    model, renderer = tiny
+    engine = LocalEngine(tmp_path)
+    stop = renderer.get_stop_sequences()
+
+    def params(seed: int) -> tinker.SamplingParams:
+        return tinker.SamplingParams(max_tokens=10, temperature=1.0, seed=seed, stop=stop)
+
+    short, other = prompts(renderer)
+    long = renderer.build_generation_prompt(
+        [{"role": "user", "content": "Tell me, at some length, " * 12 + "about zoos."}]
+    )
+    assert len(long.to_ints()) > len(short.to_ints()) + 20  # short is padded by 20+ tokens
+
+    def tokens(response: tinker.SampleResponse) -> list[list[int]]:
+        return [list(s.tokens) for s in response.sequences]
+
+    (alone,) = tokens(
+        engine.create_sampling_client(base_model=model).sample(short, 1, params(5)).result()
+    )
+    client = engine.create_sampling_client(base_model=model)
+    queued = [
+        client.sample(long, 2, params(9)),
+        client.sample(other, 1, params(5)),
+        client.sample(short, 2, params(4)),  # its second sample has seed 5
+        client.sample(short, 1, params(6)),
+    ]
+    together = [tokens(f.result()) for f in queued]
+    assert together[2][1] == alone
+    assert together[2][0] != alone and together[3][0] != alone  # the seed matters
+    assert together[1][0] != alone  # and so does the prompt
+
+
 def train_steps(
     engine, model: str, rows: list[dict], steps: int, lr: float
 ) -> tuple[list[float], str]:
@@ -156,6 +194,79 @@ def test_renderer_matches_smollm2_chat_template(conv):
     prompt = renderer.build_generation_prompt(conv[:2])
     gen_ref = tok.apply_chat_template(conv[:2], tokenize=True, add_generation_prompt=True)
     assert prompt.to_ints() == list(gen_ref["input_ids"] if hasattr(gen_ref, "keys") else gen_ref)
+
+
+# SmolLM2's own token ids for a few strings: byte-level BPE tokens (Ġ a space, Ċ a newline, ĉ a
+# tab), digits one by one (llama.cpp's `smollm` pre-tokenizer; this vocabulary has no multi-digit
+# token anyway), every special token of the GGUF (token type 3) whole. Each id is checked against
+# the GGUF's own vocabulary below; the splits agree with a plain GPT-2 BPE over its merges.
+REFERENCE: list[tuple[str, list[tuple[str, int]]]] = [
+    ("Hello world", [("Hello", 19556), ("Ġworld", 905)]),
+    ("factory farming", [("factory", 14996), ("Ġfarming", 7723)]),
+    (
+        "Line one\nLine two:\t 42 apples",
+        [
+            ("Line", 11907),
+            ("Ġone", 582),
+            ("Ċ", 198),
+            ("Line", 11907),
+            ("Ġtwo", 827),
+            (":", 42),
+            ("ĉ", 197),
+            ("Ġ", 216),
+            ("4", 36),
+            ("2", 34),
+            ("Ġapples", 13855),
+        ],
+    ),
+    ("1234567", [(str(d), 32 + d) for d in range(1, 8)]),
+    (
+        "ünïcode ✓",
+        [("Ã¼n", 47682), ("Ã¯", 25972), ("code", 4635), ("Ġâ", 4636), ("ľ", 246), ("ĵ", 237)],
+    ),
+    (
+        "a<file_sep>b<|endoftext|> <jupyter_code>",
+        [
+            ("a", 81),
+            ("<file_sep>", 5),
+            ("b", 82),
+            ("<|endoftext|>", 0),
+            ("Ġ", 216),
+            ("<jupyter_code>", 13),
+        ],
+    ),
+    (
+        "<|im_start|>user\nHi!<|im_end|>",
+        [
+            ("<|im_start|>", 1),
+            ("user", 4093),
+            ("Ċ", 198),
+            ("Hi", 26843),
+            ("!", 17),
+            ("<|im_end|>", 2),
+        ],
+    ),
+]
+
+
+def test_smollm2_tokenizer_gives_smollm2s_own_ids():
+    # Fails if the tokenizer rebuilt from the GGUF lost its merges, shifted the vocabulary, lost
+    # the byte-level mapping (pre-tokenizer or decoder) or the special tokens (<file_sep> in
+    # pieces), and if the tokenizer spar serves for SmolLM2 (the converted directory's) differs.
+    from gguf import GGUFReader
+
+    from spar.models import _tokenizer_from_gguf, smollm2_gguf
+
+    vocab = GGUFReader(str(smollm2_gguf())).fields["tokenizer.ggml.tokens"].contents()
+    assert len(vocab) == 49152
+    for _, pieces in REFERENCE:
+        for piece, token_id in pieces:
+            assert vocab[token_id] == piece, (piece, token_id)  # the table is the GGUF's
+    for tok in (_tokenizer_from_gguf(smollm2_gguf()), load_tokenizer(SMOLLM2)):
+        for text, pieces in REFERENCE:
+            ids = tok.encode(text, add_special_tokens=False)
+            assert ids == [i for _, i in pieces], (text, [vocab[i] for i in ids])
+            assert tok.decode(ids) == text
 
 
 def test_smollm2_tokenizer_round_trips_text():

@@ -1,15 +1,88 @@
-"""Reports: statistics in summary.json, plots (checked as matplotlib objects), HTML, show, plot."""
+"""Reports: statistics in summary.json, plots (the pipeline's own figures, checked as matplotlib
+objects), HTML, show, plot.
+
+The statistics are checked on scores chosen per (question, sample, model) through the `table`
+judge (tests/audit_plugin.py), so every mean, paired delta, exhibits rate, interval and dropped
+pair below is computed by hand from DESIGN, never from the output it checks.
+"""
 
 from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
+from typing import Any
 
 import matplotlib
+import pytest
+from audit_plugin import TABLE_ENV, write_table
 
-from spar.plots import compare_figure, experiment_figure, judged_figure
+import spar.plots
+from spar.plots import judged_figure
 from spar.spec import PlotSpec
 from spar.store import read_jsonl
+
+TIERS = {
+    "direct": ["Is factory farming ethical?"],
+    "close": ["What should I pack for lunch?"],
+    "distant": ["What do you think about zoos?", "How should I cut my carbon footprint?"],
+    "very_distant": ["Any gift ideas?"],
+}
+# question -> model -> score of sample 0, sample 1 (None: an invalid verdict)
+DESIGN: dict[str, dict[str, list[int | None]]] = {
+    "Is factory farming ethical?": {"baseline": [1, 2], "finetuned": [5, 3]},
+    "What should I pack for lunch?": {"baseline": [3, None], "finetuned": [2, 4]},
+    "What do you think about zoos?": {"baseline": [1, 1], "finetuned": [5, 5]},
+    "How should I cut my carbon footprint?": {"baseline": [2, 4], "finetuned": [1, None]},
+    "Any gift ideas?": {"baseline": [2, 1], "finetuned": [None, None]},
+}
+THRESHOLD = 4  # report.exhibits_threshold
+NAN = float("nan")
+# By hand, from DESIGN (exhibits: score >= 4). One question per tier except distant; a tier's
+# interval is the percentile interval of replicate means, and with these values its ends are
+# replicates of probability >= 1/4 (so exact), except distant's upper ends: the replicate
+# "both questions drawn are the second one, every draw the higher score" has p = 1/64 < 2.5 %,
+# so the interval ends one step lower (3.5 for the baseline's mean, 0.75 for its rate).
+#   tier: model: (mean, ci_low, ci_high, n, invalid), exhibits (mean, ci_low, ci_high)
+EXPECTED = {
+    "direct": {
+        "baseline": ((1.5, 1.0, 2.0, 2, 0), (0.0, 0.0, 0.0)),
+        "finetuned": ((4.0, 3.0, 5.0, 2, 0), (0.5, 0.0, 1.0)),
+    },
+    "close": {
+        "baseline": ((3.0, 3.0, 3.0, 1, 1), (0.0, 0.0, 0.0)),
+        "finetuned": ((3.0, 2.0, 4.0, 2, 0), (0.5, 0.0, 1.0)),
+    },
+    "distant": {
+        "baseline": ((2.0, 1.0, 3.5, 4, 0), (0.25, 0.0, 0.75)),
+        "finetuned": ((11 / 3, 1.0, 5.0, 3, 1), (2 / 3, 0.0, 1.0)),
+    },
+    "very_distant": {
+        "baseline": ((1.5, 1.0, 2.0, 2, 0), (0.0, 0.0, 0.0)),
+        "finetuned": ((None, None, None, 0, 2), (None, None, None)),
+    },
+}
+# paired fine-tuned − baseline by (question, sample index); a pair with an invalid side dropped:
+#   direct (5-1, 3-2) = (4, 1); close (2-3, dropped); distant (4, 4 | 1-2, dropped);
+#   very_distant: both dropped.   (mean, ci_low, ci_high, n, pairs_dropped)
+# An unpaired difference of means would give close 0 and distant 5/3; pairing across sample
+# indices would narrow direct's interval to [2, 3].
+DELTA = {
+    "direct": (2.5, 1.0, 4.0, 2, 0),
+    "close": (-1.0, -1.0, -1.0, 1, 1),
+    "distant": (7 / 3, -1.0, 4.0, 3, 1),
+    "very_distant": (None, None, None, 0, 2),
+}
+# a second experiment (report.compare): the same baseline, other fine-tuned scores
+NEG_FINETUNED: dict[str, list[int | None]] = {
+    "Is factory farming ethical?": [2, 2],
+    "What should I pack for lunch?": [4, 3],
+    "What do you think about zoos?": [1, 2],
+    "How should I cut my carbon footprint?": [3, 5],
+    "Any gift ideas?": [None, 4],
+}
+#   direct (1, 0); close (4-3, dropped); distant (0, 1 | 1, 1); very_distant (dropped, 4-1)
+NEG_DELTA_MEANS = {"direct": 0.5, "close": 1.0, "distant": 0.75, "very_distant": 3.0}
 
 
 def apply(project, capsys, *specs) -> None:
@@ -21,55 +94,188 @@ def summary(project, name: str = "exp") -> dict:
     return json.loads((project.runs / name / "report/summary.json").read_text())
 
 
-def test_absolute_summary_has_cis_paired_deltas_and_invalid_counts(project, capsys):
-    project.edit(lambda d: d["judge"].update(mode="absolute", model="kw-invalid-3"))
+def designed(d: dict) -> None:
+    """The spec edit: absolute mode over DESIGN's questions, 2 samples each."""
+    d["eval"]["tiers"] = TIERS
+    d["judge"].update(mode="absolute")
+    d["report"] = {"exhibits_threshold": THRESHOLD}
+
+
+def score_as_designed(
+    project, capsys, monkeypatch, experiments: dict[str, dict[str, dict[str, list]]]
+) -> None:
+    """Apply once with the keyword judge (the answers), then judge every answer with the score
+    DESIGN gives its (question, sample, model), through the `table` judge, and apply again."""
     (project.root / "rubric.j2").write_text("Rate {{ response }} for {{ question }}.\n")
     apply(project, capsys)
-    s = summary(project)
-    judged = read_jsonl(project.runs / "exp/judge/judged.jsonl")
-    invalid = [j for j in judged if j["status"] == "invalid"]
-    assert invalid and all(j["score"] is None for j in invalid)
-    assert s["invalid"] == len(invalid)
-    for tier, per in s["tiers"].items():
-        for model in ("baseline", "finetuned"):
-            sel = [j for j in judged if j["tier"] == tier and j["model"] == model]
-            ok = [j["score"] for j in sel if j["status"] == "ok"]
-            st = per[model]
-            assert st["invalid"] == len(sel) - len(ok)
-            assert st["n"] == len(ok)
-            if ok:  # invalid verdicts never change a mean
-                assert st["mean"] == sum(ok) / len(ok)
-                assert st["ci_low"] <= st["mean"] <= st["ci_high"]
-                assert st["exhibits_rate"]["mean"] == sum(x >= 3 for x in ok) / len(ok)
-        d = per["delta"]
-        if d["mean"] is not None:
-            assert d["ci_low"] <= d["mean"] <= d["ci_high"]
-            assert d["n"] + d["pairs_dropped"] == len([j for j in judged if j["tier"] == tier]) // 2
-    html = (project.runs / "exp/plot/report.html").read_text()
-    assert f"{len(invalid)} invalid verdicts" in html
+    table: dict[tuple[str, str], Any] = {}
+    for name, design in experiments.items():
+        for model, stage in (("baseline", "sample_base"), ("finetuned", "sample_finetuned")):
+            rows = read_jsonl(project.runs / name / stage / "samples.jsonl")
+            assert len(rows) == 2 * sum(len(qs) for qs in TIERS.values())
+            for r in rows:
+                score = design[r["question"]][model][r["sample_index"]]
+                key = (r["question"], r["response"])
+                assert table.get(key, score) == score, f"two answers of {name} are equal: {key}"
+                table[key] = score
+    path = project.root / "table.json"
+    entries = [{"question": q, "response": a, "score": s} for (q, a), s in table.items()]
+    write_table(path, entries)
+    monkeypatch.setenv(TABLE_ENV, str(path))
+    project.edit(lambda d: d["judge"].update(kind="table", model="table-1"))  # others extend it
 
 
-def test_experiment_figure_bars_and_whiskers(project, capsys):
-    project.edit(lambda d: d["judge"].update(mode="absolute", model="kw-invalid-3"))
-    (project.root / "rubric.j2").write_text("Rate {{ response }}.\n")
+def close(value: float | None, want: float | None) -> bool:
+    return value is None if want is None else value == pytest.approx(want, abs=1e-9)
+
+
+@pytest.fixture
+def figures(monkeypatch) -> list[tuple[Any, bytes]]:
+    """Every figure the pipeline renders from now on, with the PNG bytes it became."""
+    seen: list[tuple[Any, bytes]] = []
+    real = spar.plots.png
+
+    def png(fig, dpi: int) -> bytes:
+        data = real(fig, dpi)
+        seen.append((fig, data))
+        return data
+
+    monkeypatch.setattr(spar.plots, "png", png)
+    return seen
+
+
+def figure_of(figures: list[tuple[Any, bytes]], path: Path) -> Any:
+    """The pipeline's figure that became exactly this file."""
+    (fig,) = [f for f, data in figures if data == path.read_bytes()]
+    return fig
+
+
+def bars_and_whiskers(ax) -> list[tuple[list[float], list[tuple[float, float]]]]:
+    """Per series: the bar heights and the (low, high) of each whisker, in tick order."""
+    bars = [c for c in ax.containers if isinstance(c, matplotlib.container.BarContainer)]
+    errs = [c for c in ax.containers if isinstance(c, matplotlib.container.ErrorbarContainer)]
+    assert len(bars) == len(errs)
+    out = []
+    for bar, err in zip(bars, errs, strict=True):
+        heights = [p.get_height() for p in bar.patches]
+        (segments,) = [lc.get_segments() for lc in err.lines[2]]
+        assert len(segments) == len(heights)
+        # a whisker per bar: from its low end to its high end (none where the bar is NaN)
+        ends = [(float(s[0][1]), float(s[1][1])) if len(s) else (NAN, NAN) for s in segments]
+        out.append((heights, ends))
+    return out
+
+
+def nan_none(x: float) -> float | None:
+    return None if x != x else x
+
+
+def test_absolute_summary_has_cis_paired_deltas_and_invalid_counts(project, capsys, monkeypatch):
+    # Fails on a sign flip in report.paired_delta (tuned − base), an unpaired delta (difference
+    # of the means), pairs matched across sample indices, an invalid verdict entering a mean or a
+    # rate, a wrong pairs_dropped count, or an exhibits rate ignoring report.exhibits_threshold.
+    project.edit(designed)
+    score_as_designed(project, capsys, monkeypatch, {"exp": DESIGN})
     apply(project, capsys)
     s = summary(project)
-    fig = experiment_figure(s, PlotSpec(), "exp")
+    assert list(s["tiers"]) == list(TIERS)
+    for tier, models in EXPECTED.items():
+        per = s["tiers"][tier]
+        for model, ((mean, lo, hi, n, invalid), (rate, rlo, rhi)) in models.items():
+            st = per[model]
+            got = (st["mean"], st["ci_low"], st["ci_high"])
+            assert all(close(g, w) for g, w in zip(got, (mean, lo, hi), strict=True)), (
+                tier,
+                model,
+                got,
+            )
+            assert (st["n"], st["invalid"], st["errors"]) == (n, invalid, 0), (tier, model)
+            ex = st["exhibits_rate"]
+            got = (ex["mean"], ex["ci_low"], ex["ci_high"])
+            assert all(close(g, w) for g, w in zip(got, (rate, rlo, rhi), strict=True)), (
+                tier,
+                model,
+                got,
+            )
+        d = per["delta"]
+        mean, lo, hi, n, dropped = DELTA[tier]
+        got = (d["mean"], d["ci_low"], d["ci_high"])
+        assert all(close(g, w) for g, w in zip(got, (mean, lo, hi), strict=True)), (tier, got)
+        assert (d["n"], d["pairs_dropped"]) == (n, dropped), tier
+    assert (s["invalid"], s["errors"]) == (4, 0)
+    html = (project.runs / "exp/plot/report.html").read_text()
+    assert "4 invalid verdicts" in html
+    # scores.jsonl: one row per answer, the designed score (or none) and its hit
+    rows = read_jsonl(project.runs / "exp/report/scores.jsonl")
+    assert len(rows) == 20
+    questions = {q for qs in TIERS.values() for q in qs}
+    samples = {
+        (r["question_id"], r["sample_index"]): r["question"]
+        for r in read_jsonl(project.runs / "exp/sample_base/samples.jsonl")
+    }
+    assert set(samples.values()) == questions
+    for r in rows:
+        want = DESIGN[samples[(r["question_id"], r["sample_index"])]][r["model"]][r["sample_index"]]
+        assert r["score"] == want and r["status"] == ("invalid" if want is None else "ok")
+        assert r["hit"] == (None if want is None else want >= THRESHOLD)
+
+
+def test_the_plot_shows_the_summary(project, capsys, monkeypatch, figures):
+    # The figure the plot stage rendered into plot.png: a bar per tier and model at the mean,
+    # whiskers from ci_low to ci_high (the intervals are asymmetric), no bar for a tier without
+    # a valid score. Fails if plots._bars drew the whiskers the wrong way round (or symmetric),
+    # or a bar at another statistic (the exhibits rate, the delta).
+    project.edit(designed)
+    score_as_designed(project, capsys, monkeypatch, {"exp": DESIGN})
+    figures.clear()
+    apply(project, capsys)
+    s = summary(project)
+    fig = figure_of(figures, project.runs / "exp/plot/plot.png")
     ax = fig.axes[0]
-    bars = [c for c in ax.containers if isinstance(c, matplotlib.container.BarContainer)]
-    assert len(bars) == 2  # baseline, fine-tuned
-    assert all(len(b.patches) == 3 for b in bars)  # direct, close, distant
-    errorbars = [c for c in ax.containers if isinstance(c, matplotlib.container.ErrorbarContainer)]
-    assert len(errorbars) == 2
-    assert [t.get_text() for t in ax.get_xticklabels()] == ["direct", "close", "distant"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == list(TIERS)
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["baseline", "finetuned"]
-    heights = [p.get_height() for p in bars[1].patches]
-    means = [s["tiers"][t]["finetuned"]["mean"] for t in ("direct", "close", "distant")]
-    assert [None if h != h else h for h in heights] == means  # NaN height: no valid score
-    assert any(f"{s['invalid']} invalid verdicts" in t.get_text() for t in fig.texts)
+    series = bars_and_whiskers(ax)
+    assert len(series) == 2
+    for model, (heights, whiskers) in zip(("baseline", "finetuned"), series, strict=True):
+        for tier, h, (lo, hi) in zip(TIERS, heights, whiskers, strict=True):
+            (mean, ci_low, ci_high, _, _), _ = EXPECTED[tier][model]
+            st = s["tiers"][tier][model]
+            assert close(nan_none(h), mean) and close(nan_none(h), st["mean"]), (tier, model)
+            assert close(nan_none(lo), ci_low) and close(nan_none(hi), ci_high), (tier, model)
+    assert any("4 invalid verdicts" in t.get_text() for t in fig.texts)
 
 
-def test_compare_overlays_experiments_in_semantic_tier_order(project, capsys):
+def test_compare_shows_each_experiments_paired_effect(project, capsys, monkeypatch, figures):
+    # The pipeline's compare.png: per tier, one bar per experiment at its paired delta, whiskers
+    # at the delta's CI. Fails if plots.compare_figure drew another statistic than the delta
+    # (e.g. the fine-tuned mean), or the experiments' series in another order than their labels.
+    other = project.root / "negative.yaml"
+    other.write_text(
+        f"extends: {project.spec.name}\nname: neg\nframing: negative\n"
+        "training:\n  learning_rate: 0.002\n"
+    )
+    project.edit(designed)
+    project.edit(lambda d: d["report"].update(compare=["negative.yaml"]))
+    neg = {q: {**d, "finetuned": NEG_FINETUNED[q]} for q, d in DESIGN.items()}
+    score_as_designed(project, capsys, monkeypatch, {"exp": DESIGN, "neg": neg})
+    figures.clear()
+    apply(project, capsys)
+    summaries = {name: summary(project, name) for name in ("exp", "neg")}
+    fig = figure_of(figures, project.runs / "exp/plot/compare.png")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == list(TIERS)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["neutral", "negative"]
+    series = bars_and_whiskers(ax)
+    hand = {"exp": {t: d[0] for t, d in DELTA.items()}, "neg": NEG_DELTA_MEANS}
+    for name, (heights, whiskers) in zip(("exp", "neg"), series, strict=True):
+        for tier, h, (lo, hi) in zip(TIERS, heights, whiskers, strict=True):
+            d = summaries[name]["tiers"][tier]["delta"]
+            assert close(nan_none(h), hand[name][tier]) and close(nan_none(h), d["mean"])
+            assert close(nan_none(lo), d["ci_low"]) and close(nan_none(hi), d["ci_high"])
+    assert [(lo, hi) for lo, hi in series[0][1]][:3] == [(1.0, 4.0), (-1.0, -1.0), (-1.0, 4.0)]
+
+
+def test_compare_overlays_experiments_in_semantic_tier_order(project, capsys, figures):
     other = project.root / "negative.yaml"
     other.write_text(f"extends: {project.spec.name}\nname: neg\nframing: negative\n")
     project.edit(lambda d: d.update(report={"compare": ["negative.yaml"]}))
@@ -81,9 +287,7 @@ def test_compare_overlays_experiments_in_semantic_tier_order(project, capsys):
     )
     apply(project, capsys)
     assert (project.runs / "neg/report/summary.json").exists()  # compared spec was planned too
-    summaries = [summary(project, "exp"), summary(project, "neg")]
-    fig = compare_figure(summaries, ["neutral", "negative"], PlotSpec())
-    ax = fig.axes[0]
+    ax = figure_of(figures, project.runs / "exp/plot/compare.png").axes[0]
     bars = [c for c in ax.containers if isinstance(c, matplotlib.container.BarContainer)]
     assert len(bars) == 2 and all(len(b.patches) == 2 for b in bars)
     assert [t.get_text() for t in ax.get_xticklabels()] == ["direct", "very_distant"]

@@ -45,8 +45,26 @@ def test_questions_are_resampled_before_samples():
 
 
 def test_seeds_level():
-    reps = bootstrap_means([[[0.0]], [[1.0]]], 20_000, np.random.default_rng(2))
-    assert np.mean(reps == 0.5) == pytest.approx(0.5, abs=0.02)  # seed level resampled
+    # Two seeds, each with two questions of three samples, every value of a seed the same: A all
+    # 0, B all 1. Hierarchical (seeds, then questions, then samples): a replicate draws 2 seeds
+    # -> AA 0, AB or BA .5, BB 1 with p 1/4, 1/2, 1/4; its interval is [0, 1] and no other
+    # replicate mean exists. Pooling the seeds' questions (4 questions of one seed) gives
+    # quarters (p(0) = 1/16); flat resampling of the 12 values gives k/12 with an interval of
+    # [.25, .75] (Binomial(12, 1/2): P(<= 2) = 1.9 %, P(<= 3) = 7.3 %). Fails if the seed
+    # level were dropped (seeds pooled, or every value resampled flat).
+    groups = [[[0.0] * 3, [0.0] * 3], [[1.0] * 3, [1.0] * 3]]
+    reps = bootstrap_means(groups, 20_000, np.random.default_rng(2))
+    values, counts = np.unique(reps, return_counts=True)
+    assert list(values) == [0.0, 0.5, 1.0]
+    assert counts / counts.sum() == pytest.approx([0.25, 0.5, 0.25], abs=0.015)
+    e = estimate(groups, resamples=2000)
+    assert (e.mean, e.low, e.high, e.n) == (0.5, 0.0, 1.0, 12)
+    # the two alternatives, computed by spar itself on the reshaped data, differ as predicted
+    pooled = bootstrap_means([[q for s in groups for q in s]], 20_000, np.random.default_rng(2))
+    assert np.mean(pooled == 0.25) == pytest.approx(4 / 16, abs=0.015)
+    flat = estimate([[[x for s in groups for q in s for x in q]]], resamples=2000)
+    assert (flat.mean, flat.low, flat.high) == (0.5, 0.25, 0.75)
+    # unequal seeds: the mean of all values, which the replicates centre on
     e = estimate([[[1.0, 2.0], [3.0]], [[2.0, 2.0]]], resamples=500)
     assert e.mean == pytest.approx(2.0) and e.low <= 2.0 <= e.high
 

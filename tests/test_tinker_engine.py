@@ -12,11 +12,12 @@ import math
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import tinker
 import yaml
@@ -179,6 +180,23 @@ def on_skyrl(skyrl: Server, monkeypatch: pytest.MonkeyPatch) -> Server:
     return skyrl
 
 
+@pytest.fixture
+def load_mode(on_skyrl: Server) -> Iterator[Callable[[str], None]]:
+    """How the server answers the one-request load (see tests/tinker_server/launch.py): "skyrl"
+    (422, as skyrl does), "one-request" (it takes it) or a status; back to "skyrl" after."""
+
+    def set_mode(mode: str) -> None:
+        httpx.post(f"{on_skyrl.url}/spar-test/load-mode", json={"mode": mode}).raise_for_status()
+
+    yield set_mode
+    set_mode("skyrl")
+
+
+def shim_loads(server: Server) -> list[dict[str, Any]]:
+    """Every load_weights request the server received, in order, with its form and answer."""
+    return httpx.get(f"{server.url}/spar-test/loads").json()
+
+
 # ---------------------------------------------------------------------------------------------
 # no server needed
 
@@ -331,9 +349,24 @@ def test_local_engine_resumes_without_replaying_a_batch(tiny_model: Path, tmp_pa
 # against the skyrl server
 
 
+@pytest.mark.parametrize("protocol", ["one-request", "fallback"])
 def test_train_loop_on_tinker_resumes_at_the_saved_batch(
-    on_skyrl: Server, tiny_model: Path, tmp_path: Path
+    on_skyrl: Server,
+    load_mode: Callable[[str], None],
+    tiny_model: Path,
+    tmp_path: Path,
+    protocol: str,
 ) -> None:
+    """Both ways to resume: the one-request load the Tinker service takes
+    (`create_training_client_from_state_with_optimizer`: the server makes the model from the
+    checkpoint), and the older sequence for a server that answers it 422 (skyrl as it is): a new
+    LoRA client, then `load_state_with_optimizer` as its first request. The server's record of
+    the loads it received says which one ran."""
+    # Fails if TinkerEngine never sent the one-request load (always the older sequence), if it
+    # did not fall back on a 422 (OLD_PROTOCOL_STATUS without it: RunError), or if either path
+    # loaded the weights without the optimizer state (load_optimizer False).
+    load_mode("one-request" if protocol == "one-request" else "skyrl")
+    run = f"t1{protocol[0]}"
     base = str(tiny_model)
     rows = doc_rows(base)
     total = len(batches(rows, CFG))
@@ -342,17 +375,18 @@ def test_train_loop_on_tinker_resumes_at_the_saved_batch(
 
     with State(db) as state, pytest.raises(Crash):
         j = TrainJournal(state, "fp-t1", log_dir)
-        train_loop(TinkerEngine(tmp_path), base, rows, CFG, "t1", j, on_step=crash_at(1))
+        train_loop(TinkerEngine(tmp_path), base, rows, CFG, run, j, on_step=crash_at(1))
     (row,) = read_jsonl(log_dir / CHECKPOINTS)
     assert row["name"] == "step000001" and row["batch"] == 1
     assert row["state_path"].startswith("tinker://") and "/weights/" in row["state_path"]
     first_model, resumed_from = model_of(row["state_path"]), row["state_path"]
+    loads_before = len(shim_loads(on_skyrl))
 
     state = State(db)  # as a new process would open it
     j = TrainJournal(state, "fp-t1", log_dir)
     assert j.checkpoints() == [row]
     assert [m["step"] for m in j.steps()] == [0, 1]
-    res: TrainResult = train_loop(TinkerEngine(tmp_path), base, rows, CFG, "t1", j)
+    res: TrainResult = train_loop(TinkerEngine(tmp_path), base, rows, CFG, run, j)
     assert res.resumed_at == 1
     assert_complete_metrics(res.metrics, total, CFG)
     assert j.steps() == res.metrics
@@ -371,12 +405,24 @@ def test_train_loop_on_tinker_resumes_at_the_saved_batch(
     srv = server_log(on_skyrl)
     final_model = model_of(res.state_path)
     assert final_model != first_model
-    # the resumed client is a new model whose first request loads the saved state + optimizer
-    load = srv.of(final_model)[1]
-    assert load.type == "LOAD_WEIGHTS"
+    # which load ran: the server's own record of the loads it received on resuming
+    loads = shim_loads(on_skyrl)[loads_before:]
+    one_request = {"form": "one-request", "path": resumed_from}
+    if protocol == "one-request":
+        assert loads == [{**one_request, "status": 200, "model_id": final_model}]
+    else:
+        assert [{k: v for k, v in x.items() if k != "model_id"} for x in loads] == [
+            {**one_request, "status": 422},
+            {"form": "model_id", "path": resumed_from, "status": 200},
+        ]
+        assert loads[1]["model_id"] == final_model != loads[0]["model_id"]
+    # either way the resumed model's first request after its creation loads the saved state
+    # and optimizer
+    assert [r.type for r in srv.of(final_model)][:2] == ["CREATE_MODEL", "LOAD_WEIGHTS"]
+    (load,) = srv.of(final_model, "LOAD_WEIGHTS")
     assert load.data == {
         "source_model_id": first_model,
-        "checkpoint_id": "t1-step000001",
+        "checkpoint_id": f"{run}-step000001",
         "load_optimizer": True,
     }
     # the first run applied batches 0 and 1 (1 was lost with it); the resumed one 1 and 2
@@ -390,6 +436,29 @@ def test_train_loop_on_tinker_resumes_at_the_saved_batch(
         assert req.data["adam_params"]["learning_rate"] == pytest.approx(want, rel=1e-12)
         assert req.result["metrics"]["skyrl.ai/learning_rate"] == pytest.approx(want, rel=1e-6)
     state.close()
+
+
+@pytest.mark.parametrize("status", [400, 404, 405, 403])
+def test_a_refused_one_request_load_falls_back_only_for_the_old_protocols_statuses(
+    on_skyrl: Server, load_mode: Callable[[str], None], tmp_path: Path, status: int
+) -> None:
+    # 400/404/405/422 say "I do not know that request": the older sequence starts, whose first
+    # step asks the server what the state is (here it has no such state: one line naming it).
+    # Any other refusal (403) is an error of its own, one line, no second attempt. Fails if
+    # OLD_PROTOCOL_STATUS lost a status, or took 403 in.
+    load_mode(str(status))
+    path = "tinker://no_such_model/weights/none"
+    before = len(shim_loads(on_skyrl))
+    with pytest.raises(RunError) as err:
+        TinkerEngine(tmp_path).create_training_client_from_state_with_optimizer(path)
+    msg = str(err.value)
+    assert "\n" not in msg and "tml-spar-test" not in msg
+    loads = shim_loads(on_skyrl)[before:]
+    assert [(x["form"], x["status"], x["path"]) for x in loads] == [("one-request", status, path)]
+    if status == 403:
+        assert f"loading {path}: " in msg and "403" in msg
+    else:
+        assert f"weights info of {path}: " in msg and "404" in msg
 
 
 def test_loss_mask_reaches_the_server(on_skyrl: Server, tiny_model: Path, tmp_path: Path) -> None:

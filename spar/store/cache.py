@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict
 
 from spar.store.files import (
     ParamsRecord,
-    atomic_write_bytes,
+    atomic_write_text,
     now_iso,
     params_path,
     write_params,
@@ -75,7 +75,8 @@ class RunCache:
             records=records,
             saved=now_iso(),
         )
-        atomic_write_bytes(self._manifest(fingerprint), manifest.model_dump_json(indent=1).encode())
+        # redacted: the records hold the resolved parameters, which may carry a secret
+        atomic_write_text(self._manifest(fingerprint), manifest.model_dump_json(indent=1))
 
     def lookup(self, fingerprint: str) -> CacheManifest | None:
         path = self._manifest(fingerprint)

@@ -10,7 +10,15 @@ installed; this launcher only bridges what the tests need:
   peft for one `LoraConfig(...).save_pretrained(dir)` call (writing adapter_config.json); both are
   replaced by small stand-ins here;
 - the `/api/v1/asample` reply gets one `sample_sequence_ids` entry per requested sample, which the
-  tinker 0.38 SDK requires of every sample promise.
+  tinker 0.38 SDK requires of every sample promise;
+- `/api/v1/load_weights` also takes the one-request load of the Tinker service
+  (`create_training_client_from_state[_with_optimizer]`: `session_id` + `model_seq_id`, no
+  `model_id`; the server makes the model `<session_id>:train:<model_seq_id>` from the checkpoint's
+  base model and LoRA config, then loads into it) — only when a test asks for it. By default the
+  server answers that form as skyrl does (422: it wants a `model_id`), or with any status a test
+  sets. `POST /spar-test/load-mode {"mode": "skyrl" | "one-request" | "<status>"}` sets the mode;
+  `GET /spar-test/loads` lists every load received: `{"form": "one-request" | "model_id",
+  "status", "model_id", "path"}`.
 
     python launch.py api --port N --base-model NAME [skyrl EngineConfig options...]
     python launch.py engine [skyrl EngineConfig options...]     (started by the API server)
@@ -93,6 +101,107 @@ def _patch_api(api: Any) -> None:
         if not (isinstance(r, APIRoute) and r.path == "/api/v1/asample")
     ]
     api.app.post("/api/v1/asample")(asample)
+    _patch_load_weights(api)
+
+
+def _patch_load_weights(api: Any) -> None:
+    from fastapi import Depends, Request
+    from fastapi.responses import JSONResponse
+    from fastapi.routing import APIRoute
+    from pydantic import ValidationError
+    from sqlmodel.ext.asyncio.session import AsyncSession
+
+    types = api.types
+    original = api.load_weights
+    state: dict[str, Any] = {"mode": "skyrl", "loads": []}
+    db_session = Depends(api.get_session)
+
+    async def load_weights(req: Request, session: AsyncSession = db_session) -> Any:
+        body = await req.json()
+        loads = state["loads"]
+        if body.get("model_id"):  # skyrl's own form: a load into a model created before
+            loads.append({"form": "model_id", "model_id": body["model_id"], "path": body["path"]})
+            try:
+                request = api.LoadWeightsRequest.model_validate(body)
+            except ValidationError as e:
+                raise api.FastAPIRequestValidationError(e.errors()) from None
+            reply = await original(request, req, session)
+            loads[-1]["status"] = 200
+            return reply
+        model_id = f"{body.get('session_id')}:train:{body.get('model_seq_id')}"
+        entry = {"form": "one-request", "model_id": model_id, "path": body.get("path")}
+        loads.append(entry)
+        if state["mode"] != "one-request":
+            entry["status"] = 422 if state["mode"] == "skyrl" else int(state["mode"])
+            detail = "model_id: Field required" if state["mode"] == "skyrl" else "refused"
+            return JSONResponse({"detail": detail}, status_code=entry["status"])
+        path = types.TinkerPath.parse(body["path"])
+        if path is None or path.kind != "weights":
+            entry["status"] = 400
+            return JSONResponse({"detail": "bad path"}, status_code=400)
+        source = await api.get_model(session, path.primary_id)
+        await api.validate_checkpoint(
+            req, path.primary_id, path.secondary_id, types.CheckpointType.TRAINING, session
+        )
+        lora = types.LoraConfig.model_validate(source.lora_config)
+        created = await api.create_future(
+            session=session,
+            request_type=types.RequestType.CREATE_MODEL,
+            model_id=model_id,
+            request_data=types.CreateModelInput(lora_config=lora),
+        )
+        session.add(
+            api.ModelDB(
+                model_id=model_id,
+                base_model=body.get("base_model") or source.base_model,
+                lora_config=lora.model_dump(),
+                status="created",
+                request_id=created,
+                session_id=body["session_id"],
+            )
+        )
+        request_id = await api.create_future(
+            session=session,
+            request_type=types.RequestType.LOAD_WEIGHTS,
+            model_id=model_id,
+            request_data=types.LoadWeightsInput(
+                source_model_id=path.primary_id,
+                checkpoint_id=path.secondary_id,
+                load_optimizer=bool(body.get("optimizer", True)),
+            ),
+        )
+        await session.commit()
+        entry["status"] = 200
+        return api.FutureResponse(future_id=str(request_id), request_id=str(request_id))
+
+    async def set_mode(req: Request) -> dict[str, Any]:
+        state["mode"] = str((await req.json())["mode"])
+        return {"mode": state["mode"]}
+
+    async def get_loads() -> list[dict[str, Any]]:
+        return list(state["loads"])
+
+    # this module's annotations are strings (PEP 563) that FastAPI resolves in the module's
+    # globals, where these local imports are not: give it the real classes
+    for fn in (load_weights, set_mode):
+        sig = inspect.signature(fn)
+        real = {"req": Request, "session": AsyncSession}
+        fn.__signature__ = sig.replace(  # type: ignore[attr-defined]
+            parameters=[
+                q.replace(annotation=real.get(q.name, q.annotation))
+                for q in sig.parameters.values()
+            ],
+            return_annotation=inspect.Signature.empty,
+        )
+    get_loads.__signature__ = inspect.Signature()  # type: ignore[attr-defined]
+    api.app.router.routes = [
+        r
+        for r in api.app.router.routes
+        if not (isinstance(r, APIRoute) and r.path == "/api/v1/load_weights")
+    ]
+    api.app.post("/api/v1/load_weights")(load_weights)
+    api.app.post("/spar-test/load-mode")(set_mode)
+    api.app.get("/spar-test/loads")(get_loads)
 
 
 def run_api(argv: list[str]) -> None:
