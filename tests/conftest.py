@@ -52,6 +52,31 @@ def build_tiny_model(d: Path) -> Path:
     return d
 
 
+ANTHROPIC_ENV_SOURCES = (
+    "ANTHROPIC_AUTH_TOKEN",
+    "ANTHROPIC_PROFILE",
+    "ANTHROPIC_CUSTOM_HEADERS",
+    "ANTHROPIC_IDENTITY_TOKEN",
+    "ANTHROPIC_IDENTITY_TOKEN_FILE",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "ALL_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "all_proxy",
+)
+
+
+def anthropic_local_only(monkeypatch: pytest.MonkeyPatch, key: str = "test-key") -> None:
+    """Nothing the Anthropic SDK sends may leave 127.0.0.1: no other credentials or proxies, a
+    fake key, and a base URL that refuses until a test server replaces it."""
+    for name in ANTHROPIC_ENV_SOURCES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", key)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from anthropic_server import AnthropicServer, digest, judgement, prompt_of
-from conftest import Project, Result
+from conftest import Project, Result, anthropic_local_only
 
 from spar.errors import RunError
 from spar.judges.anthropic import ABORT_AFTER_FAILURES, AnthropicJudge, request_id
@@ -56,23 +56,7 @@ Reply with a JSON object: {{"score": <integer 1-5>, "reasoning": "<one or two se
 
 @pytest.fixture(autouse=True)
 def _local_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in (
-        "ANTHROPIC_AUTH_TOKEN",
-        "ANTHROPIC_PROFILE",
-        "ANTHROPIC_CUSTOM_HEADERS",
-        "ANTHROPIC_IDENTITY_TOKEN",
-        "ANTHROPIC_IDENTITY_TOKEN_FILE",
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "ALL_PROXY",
-        "http_proxy",
-        "https_proxy",
-        "all_proxy",
-    ):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-    monkeypatch.setenv("ANTHROPIC_BASE_URL", "http://127.0.0.1:9")  # until a server replaces it
-    monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
+    anthropic_local_only(monkeypatch)
     monkeypatch.setenv("SPAR_BATCH_POLL_SECONDS", "0.01")
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import yaml
 from anthropic_server import AnthropicServer
+from conftest import anthropic_local_only
 
 from spar.generators.base import parse_items
 
@@ -32,11 +33,7 @@ TEMPLATES = {
 
 @pytest.fixture(autouse=True)
 def _local_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("ANTHROPIC_AUTH_TOKEN", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-    monkeypatch.setenv("ANTHROPIC_BASE_URL", "http://127.0.0.1:9")  # until a server replaces it
-    monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key-generate")
+    anthropic_local_only(monkeypatch, "test-key-generate")
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from typing import Literal
 
 import pytest
 from anthropic_server import AnthropicServer, judgement
-from conftest import Project, Result
+from conftest import Project, Result, anthropic_local_only
 
 from spar.judges import rubric
 from spar.stages.base import RunContext
@@ -332,22 +332,7 @@ def params(
 
 @pytest.fixture
 def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[AnthropicServer]:
-    for name in (
-        "ANTHROPIC_AUTH_TOKEN",
-        "ANTHROPIC_PROFILE",
-        "ANTHROPIC_CUSTOM_HEADERS",
-        "ANTHROPIC_IDENTITY_TOKEN",
-        "ANTHROPIC_IDENTITY_TOKEN_FILE",
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "ALL_PROXY",
-        "http_proxy",
-        "https_proxy",
-        "all_proxy",
-    ):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-    monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
+    anthropic_local_only(monkeypatch)
     s = AnthropicServer().start()
     monkeypatch.setenv("ANTHROPIC_BASE_URL", s.url)
     yield s
