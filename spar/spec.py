@@ -197,6 +197,11 @@ def turns_of(q: Turns) -> tuple[str, ...]:
     return (q,) if isinstance(q, str) else tuple(q)
 
 
+def questions_of(tiers: dict[str, list[Turns]]) -> list[Question]:
+    """The questions of tier -> questions, in order (grouped by tier, tiers in given order)."""
+    return [Question.of(t, turns_of(q)) for t, qs in tiers.items() for q in qs]
+
+
 class EvalSpec(Strict):
     tiers: dict[str, list[Turns]] | None = Field(
         None,
@@ -482,9 +487,7 @@ class Spec(Strict):
     def questions(self) -> list[Question]:
         """The eval questions in order (none when a generate set writes them); `load_spec` fills
         `eval.tiers` from `eval.questions`."""
-        if self.eval.tiers is None:
-            return []
-        return [Question.of(t, turns_of(q)) for t, qs in self.eval.tiers.items() for q in qs]
+        return questions_of(self.eval.tiers or {})
 
     def tier_order(self) -> list[str]:
         """The tiers in semantic order (of the questions, or of the set that generates them)."""
@@ -499,6 +502,14 @@ class Spec(Strict):
             g = self.generate[self.eval.generate]
             return g.expected_items(g.root_count() or 1)
         return len(self.questions())
+
+    def turn_count(self) -> int:
+        """User turns of the eval questions, each answered once per sample (an upper bound when
+        generated, like `question_count`)."""
+        if self.eval.generate is not None:
+            g = self.generate[self.eval.generate]
+            return g.expected_turns(g.root_count() or 1)
+        return sum(len(q.turns) for q in self.questions())
 
 
 # --------------------------------------------------------------------------- loading

@@ -215,6 +215,17 @@ class GenerateSpec(_Strict):
             n *= s.count
         return n
 
+    def expected_turns(self, roots: int) -> int:
+        """User turns of the last step's items at most: each item has the step's `turns`, else
+        its property's `num_turns`, else 1."""
+        last = self.steps[-1].turns
+        if last is not None:
+            return self.expected_items(roots) * last
+        if self.properties is not None:
+            per_root = self.expected_items(1)
+            return per_root * sum(self.num_turns.get(p, 1) for p in self.properties)
+        return self.expected_items(roots)
+
 
 def resolve_paths(raw: dict[str, Any], abs_path: Any) -> None:
     """Make a raw `generate:` section's template and universe paths absolute."""

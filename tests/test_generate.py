@@ -364,3 +364,14 @@ def test_the_offline_twins_validate_and_generate_with_the_local_engine(spec, tmp
     stages = {p["stage"] for p in json.loads(capsys.readouterr().out)}
     assert code == 0
     assert {f"generate.{n}" for n in s.generate} <= stages
+
+
+def test_too_few_generated_documents_for_the_test_split_stop_the_dataset(project, server, capsys):
+    setup(project, docs_set(docs=2))  # data.test_size 2: nothing would be left to train on
+    r = project.spar("apply", str(project.spec), capsys=capsys)
+    assert r.code == 1
+    assert "data.test_size 2 leaves no training records: generate set 'ffdocs' wrote 2" in r.err
+    assert not (project.runs / "exp/dataset/train.jsonl").exists()
+    project.edit(lambda d: d["generate"]["ffdocs"]["steps"][2].update(count=3))
+    assert project.spar("apply", str(project.spec), capsys=capsys).code == 0
+    assert len(rows(project.runs / "exp/dataset/train.jsonl")) == 1

@@ -9,11 +9,11 @@ from pathlib import Path
 
 from spar.generators.base import GenReply, GenRequest, OnReply, parse_items
 from spar.spec import SamplingSpec
-from spar.store import hash_json
+from spar.store import derive_seed
 
 
 def retry_seed(seed: int, attempt: int) -> int:
-    return seed if attempt == 0 else int(hash_json([seed, attempt])[:8], 16) & 0x7FFFFFFF
+    return seed if attempt == 0 else derive_seed(seed, attempt)
 
 
 class EngineGenerator:

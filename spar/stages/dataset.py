@@ -407,6 +407,15 @@ def _generate_role(name: str) -> str:
     return f"generate:{name}"
 
 
+def _require_training(p: DatasetParams, records: int, source: str) -> None:
+    """RunError when the test split leaves nothing to train on — for records known only at run
+    time (generated); a file's count is checked at plan time (`check`)."""
+    if p.test_size >= min(records, p.max_docs or records):
+        raise RunError(
+            f"data.test_size {p.test_size} leaves no training records: {source} {records}"
+        )
+
+
 class DatasetStage(StageKind[DatasetParams, DatasetOptions]):
     kind = "dataset"
     version = 2
@@ -529,11 +538,7 @@ class DatasetStage(StageKind[DatasetParams, DatasetOptions]):
             if p.generate is not None:
                 src = ctx.upstream_file(_generate_role(p.generate), GENERATED)
                 docs = read_records(src, p.format)
-                if p.test_size >= min(len(docs), p.max_docs or len(docs)):
-                    raise RunError(
-                        f"data.test_size {p.test_size} leaves no training documents: generate "
-                        f"set {p.generate!r} wrote {len(docs)}"
-                    )
+                _require_training(p, len(docs), f"generate set {p.generate!r} wrote")
             else:
                 docs = read_records(ctx.inputs["data.docs"], p.format)
             train, test = split(docs, p)
@@ -553,11 +558,7 @@ class DatasetStage(StageKind[DatasetParams, DatasetOptions]):
             mixed = mix(p, loaded)
         except MixError as e:
             raise RunError(str(e)) from None
-        if p.test_size >= min(len(mixed), p.max_docs or len(mixed)):
-            raise RunError(
-                f"data.test_size {p.test_size} leaves no training records: the mix has "
-                f"{len(mixed)}"
-            )
+        _require_training(p, len(mixed), "the mix has")
         labels = [s.label for s in sources]
         train_m, test_m = split(mixed, p)
         out = {}

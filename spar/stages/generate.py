@@ -45,7 +45,7 @@ from spar.stages.base import (
     key,
 )
 from spar.stages.models import ModelRef, model_ref
-from spar.store import ItemMemo, RunStore, hash_json, jsonl_text, read_jsonl
+from spar.store import ItemMemo, RunStore, hash_json, jsonl_text, read_jsonl, seed_of
 
 if TYPE_CHECKING:
     from spar.generators import GenRequest
@@ -198,8 +198,7 @@ def validate(spec: Spec, where: str) -> None:
         if g.universe is not None:
             read_universe(g.universe)
         for i, s in enumerate(g.steps):
-            where_ = f"generate.{name}.steps.{i}.template"
-            prompting.check(s.template, _allowed(g, i), where_)
+            prompting.check(s.template, _allowed(g, i), f"generate.{name}.steps.{i}.template")
 
 
 def _generator_model(spec: Spec, g: GenerateSpec, gr: GraphContext) -> tuple[ModelRef, str]:
@@ -232,7 +231,7 @@ def requests_for(
             ctx = {**p.vars, **parent.fields, "n": n, "index": j, "count": p.count, "turns": turns}
             prompt = prompting.render(template, ctx, what)
             k = memo.key({"prompt": prompt, "n": n, "turns": turns, "index": j})
-            seed = int(k[:8], 16) & 0x7FFFFFFF
+            seed = seed_of(k)
             out.append((parent, j, k, GenRequest(prompt=prompt, n=n, turns=turns, seed=seed)))
     return out
 
@@ -247,15 +246,18 @@ def reusable(p: GenerateParams, memoised: dict[str, Any] | None) -> bool:
     return reply.status == "ok" or reply.attempts >= 1 + p.max_retries
 
 
-def parents_of(ctx: RunContext[GenerateParams, GenerateOptions]) -> list[Record]:
-    p = ctx.params
-    if "parent" in ctx.upstream:
-        return [Record.model_validate(r) for r in read_jsonl(ctx.upstream_file("parent", RECORDS))]
+def parents_of(
+    p: GenerateParams, universe: Path | None, parent_records: Path | None
+) -> list[Record] | None:
+    """The records a step writes for: its roots (given, or from the universe file) for the first
+    step, else the step before's records (None while they do not exist)."""
     if p.roots is not None:
         return root_records(list(p.roots))
-    universe = ctx.inputs.get("universe")
-    assert universe is not None, "a first step has roots or a universe file"
-    return root_records(universe_roots(universe))
+    if universe is not None:
+        return root_records(universe_roots(universe))
+    if parent_records is not None and parent_records.exists():
+        return [Record.model_validate(r) for r in read_jsonl(parent_records)]
+    return None
 
 
 class GenerateStage(StageKind[GenerateParams, GenerateOptions]):
@@ -321,15 +323,11 @@ class GenerateStage(StageKind[GenerateParams, GenerateOptions]):
         first step, or the step before is fresh), else an upper bound."""
         p, o = node.params, node.options
         template = node.inputs["template"].path
-        parents: list[Record] | None = None
-        if p.roots is not None:
-            parents = root_records(list(p.roots))
-        elif "universe" in node.inputs:
-            parents = root_records(universe_roots(node.inputs["universe"].path))
-        elif upstream_fresh:
-            f = store.stage_dir(*node.upstream_at("parent")) / RECORDS
-            if f.exists():
-                parents = [Record.model_validate(r) for r in read_jsonl(f)]
+        universe = node.inputs.get("universe")
+        before = None
+        if "parent" in node.upstream and upstream_fresh:
+            before = store.stage_dir(*node.upstream_at("parent")) / RECORDS
+        parents = parents_of(p, universe.path if universe else None, before)
         if parents is None:
             calls = o.parents_max * math.ceil(p.count / p.per_call)
         else:
@@ -344,7 +342,10 @@ class GenerateStage(StageKind[GenerateParams, GenerateOptions]):
 
         p, o = ctx.params, ctx.options
         memo = ctx.memo()
-        reqs = requests_for(p, ctx.inputs["template"], parents_of(ctx), memo)
+        before = ctx.upstream_file("parent", RECORDS) if "parent" in ctx.upstream else None
+        parents = parents_of(p, ctx.inputs.get("universe"), before)
+        assert parents is not None, "the step before has run"
+        reqs = requests_for(p, ctx.inputs["template"], parents, memo)
         keys = [k for _, _, k, _ in reqs]
         replies = memo.get_many(keys)
         todo = [i for i, k in enumerate(keys) if not reusable(p, replies.get(k))]

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from spar.items import EvalItem, Question, stage_name
-from spar.spec import SamplingSpec, load_questions, turns_of
+from spar.spec import SamplingSpec, load_questions, questions_of
 from spar.stages.base import (
     Flags,
     GraphContext,
@@ -39,7 +39,7 @@ from spar.stages.base import (
 from spar.stages.draw import draw_missing
 from spar.stages.generate import OUTPUT, final_stage
 from spar.stages.models import ModelRef, model_ref
-from spar.store import RunStore, hash_json, jsonl_text
+from spar.store import RunStore, derive_seed, jsonl_text
 
 if TYPE_CHECKING:
     from spar.engines.base import SamplingClient
@@ -80,7 +80,7 @@ def item_seed(seed: int, question_id: str, sample_index: int) -> int:
     """Each (question, sample index) has its own seed: sample k never depends on how many were
     drawn, and different questions never share random draws. The base and the fine-tuned model
     use the same seed for the same item, so their answers are paired draws."""
-    return int(hash_json([seed, question_id, sample_index])[:8], 16) & 0x7FFFFFFF
+    return derive_seed(seed, question_id, sample_index)
 
 
 def turn_seed(seed: int, turn: int) -> int:
@@ -88,28 +88,13 @@ def turn_seed(seed: int, turn: int) -> int:
     a later turn's derives from it and the turn index."""
     if turn == 0:
         return seed
-    return int(hash_json([seed, "turn", turn])[:8], 16) & 0x7FFFFFFF
+    return derive_seed(seed, "turn", turn)
 
 
 def read_questions(path: Path) -> tuple[Question, ...]:
     """The questions of an eval questions file (a generate set's output has its format), in the
     order `Spec.questions()` gives a spec's: grouped by tier, in first-seen tier order."""
-    tiers = load_questions(path)
-    return tuple(Question.of(tier, turns_of(q)) for tier, qs in tiers.items() for q in qs)
-
-
-def expected_turns(spec: Spec) -> int:
-    """User turns of the questions `eval.generate` will write, at most: each question's turns are
-    the last step's `turns`, else its property's `num_turns`, else 1."""
-    assert spec.eval.generate is not None
-    g = spec.generate[spec.eval.generate]
-    last = g.steps[-1].turns
-    if last is not None:
-        return spec.question_count() * last
-    if g.properties is not None:
-        per_root = g.expected_items(1)
-        return per_root * sum(g.num_turns.get(prop, 1) for prop in g.properties)
-    return spec.question_count()
+    return tuple(questions_of(load_questions(path)))
 
 
 def eval_items(p: SampleParams, questions: Sequence[Question] | None = None) -> list[EvalItem]:
@@ -137,7 +122,7 @@ class SampleStage(StageKind[SampleParams, SampleOptions]):
         turns = 0
         if e.generate is not None:
             generated = {"questions": final_stage(e.generate)}
-            turns = expected_turns(spec)
+            turns = spec.turn_count()
         for condition, c in e.condition_items():
             for base, finetuned in (("sample_base", False), ("sample_finetuned", True)):
                 params = SampleParams(

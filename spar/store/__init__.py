@@ -35,9 +35,11 @@ from spar.store.hashing import (
     HashCache,
     LineCheck,
     canonical_json,
+    derive_seed,
     hash_bytes,
     hash_json,
     hash_path,
+    seed_of,
 )
 from spar.store.state import State
 
@@ -146,6 +148,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "canonical_json",
+    "derive_seed",
     "hash_bytes",
     "hash_json",
     "hash_path",
@@ -156,4 +159,5 @@ __all__ = [
     "read_params",
     "read_params_file",
     "redact",
+    "seed_of",
 ]

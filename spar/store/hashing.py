@@ -34,6 +34,16 @@ def hash_json(obj: Any) -> str:
     return hash_bytes(canonical_json(obj).encode())
 
 
+def seed_of(digest: str) -> int:
+    """A non-negative 31-bit sampling seed from a hex digest (its first 8 digits)."""
+    return int(digest[:8], 16) & 0x7FFFFFFF
+
+
+def derive_seed(*parts: Any) -> int:
+    """A sampling seed that depends on exactly these parts (a hash of their canonical JSON)."""
+    return seed_of(hash_json(list(parts)))
+
+
 def hash_stream(path: Path, check: LineCheck | None) -> tuple[str, int]:
     """(content hash, number of non-blank lines); `check` sees every line while it is hashed."""
     h = hashlib.new(HASH_ALGO)
