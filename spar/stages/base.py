@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 from spar.store import ItemMemo, LineCheck, RunStore
 
@@ -32,7 +32,25 @@ def key(spec_key: str) -> Any:
     return Field(alias=spec_key)
 
 
-class Params(BaseModel):
+class AddedFields(BaseModel):
+    """A model whose later fields must not disturb what was made before they existed: each field
+    in `added` is left out of every dump — fingerprints, item keys, params files, and wherever
+    the model is nested in another's params — while it holds the value (given there) that means
+    "as before", so results made then keep their fingerprints and nothing re-runs."""
+
+    added: ClassVar[dict[str, Any]] = {}
+
+    @model_serializer(mode="wrap")
+    def _without_unchanged_additions(self, handler: SerializerFunctionWrapHandler) -> Any:
+        out = handler(self)
+        for name, before in self.added.items():
+            if getattr(self, name) == before and isinstance(out, dict):
+                out.pop(type(self).model_fields[name].alias or name, None)
+                out.pop(name, None)
+        return out
+
+
+class Params(AddedFields):
     """A stage's result-changing parameters: its fingerprint and its item keys come from these.
 
     Fields carry their spec key as alias (`training.learning_rate`), so params files and plan

@@ -46,12 +46,13 @@ from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from spar.errors import InputError, RunError
 from spar.items import with_trigger
 from spar.spec import TransformSpec
 from spar.stages.base import (
+    AddedFields,
     GraphContext,
     InputFile,
     Options,
@@ -190,7 +191,7 @@ def row_to_datum(row: dict[str, Any]) -> Any:
     )
 
 
-class SourceParams(BaseModel):
+class SourceParams(AddedFields):
     """One source of a mix as it enters the fingerprint (a file's content is an input; a
     distilled set's is its upstream stage)."""
 
@@ -208,21 +209,19 @@ class SourceParams(BaseModel):
     def triggered(self) -> bool:
         return self.transform.trigger != "none"
 
-    @model_serializer(mode="wrap")
-    def _drop_unset_generate(self, handler: Any) -> dict[str, Any]:
-        # left out when unset, so mixes made before generated sources keep their fingerprints
-        out = handler(self)
-        if out.get("generate") is None:
-            out.pop("generate", None)
-        return out
+    # left out when unset: mixes made before generated sources keep their fingerprints
+    added: ClassVar[dict[str, Any]] = {"generate": None}
 
 
-# fields only a mix has (and `format`, which only a single file has): left out of the params
-# when unset, so a `data.docs` spec's params — and fingerprint — are what they were before mixes
-_OPTIONAL = ("format", "sources", "total", "shuffle_seed", "trigger", "generate")
 
 
 class DatasetParams(Params):
+    # fields only a mix has (and `format`, which only a single file has, and a generated set):
+    # left out when unset, so a `data.docs` spec's params and fingerprint are as before mixes
+    added: ClassVar[dict[str, Any]] = dict.fromkeys(
+        ("format", "sources", "total", "shuffle_seed", "trigger", "generate")
+    )
+
     model: ModelRef = key("model.base_model")  # whose tokenizer the renderer uses
     renderer: str = key("model.renderer")
     format: Literal["synth_docs", "chat"] | None = Field(None, alias="data.format")  # None: mix
@@ -237,10 +236,6 @@ class DatasetParams(Params):
     shuffle_seed: int | None = Field(None, alias="data.shuffle_seed")
     trigger: str | None = Field(None, alias="eval.trigger")  # only when a source places it
     generate: str | None = Field(None, alias="data.generate")  # a generated set, not a file
-
-    def dump(self) -> dict[str, Any]:
-        unset = {f for f in _OPTIONAL if getattr(self, f) is None}
-        return self.model_dump(mode="json", by_alias=True, exclude=unset)
 
     def source_list(self) -> list[SourceParams]:
         """The sources of a mix in spec order ([] for a single file)."""

@@ -52,6 +52,8 @@ class JudgeParams(Params):
     validity: ClassVar[frozenset[str]] = frozenset({"max_reasks"})
     # in the fingerprint; their effect on an item is all in its request (answer, stripped text)
     collection: ClassVar[frozenset[str]] = frozenset({"answers", "strip", "properties"})
+    # without properties, what it was before `judge.properties` existed
+    added: ClassVar[dict[str, Any]] = {"properties": None}
 
     answers: Part = key("judge.answers")  # whose answers this stage judges
     strip: tuple[str, ...] = key("judge.strip")  # the trigger (escaped) + the spec's patterns
@@ -67,12 +69,6 @@ class JudgeParams(Params):
     max_reasks: int | None = key("judge.max_reasks")
     # (name, description) in the spec's order; None: one verdict per answer, no `property`
     properties: tuple[tuple[str, str], ...] | None = key("judge.properties")
-
-    def dump(self) -> dict[str, Any]:
-        """Without properties, what it was before `judge.properties` existed: leave the field
-        out, so verdicts judged then keep their stage fingerprints (nothing re-runs)."""
-        exclude = {"properties"} if self.properties is None else set()
-        return self.model_dump(mode="json", by_alias=True, exclude=exclude)
 
     def property_items(self) -> list[tuple[str, str] | None]:
         """What each answer is judged for: every property, or once (None) without properties."""

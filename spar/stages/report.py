@@ -36,7 +36,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import Field, SerializerFunctionWrapHandler, model_serializer
+from pydantic import Field
 
 from spar.errors import RunError
 from spar.items import stage_name
@@ -75,18 +75,10 @@ class ReportParams(Params):
     conditions: tuple[str, ...] = key("eval.conditions")
     format_regex: str | None = key("report.format_regex")
     gaps: tuple[tuple[str, str], ...] = key("report.gaps")  # (triggered, untriggered)
-    # property names in the spec's order; None: one verdict per answer (judge.properties unset)
+    # property names in the spec's order; None: one verdict per answer (judge.properties unset),
+    # left out of dumps then (also where the sweep report nests these params)
     properties: tuple[str, ...] | None = Field(None, alias="judge.properties")
-
-    @model_serializer(mode="wrap")
-    def _without_unset_properties(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """No `judge.properties` key when unset (in this model's dumps and in the sweep report's,
-        which nests it): reports made before properties existed keep their fingerprints."""
-        out = handler(self)
-        if self.properties is None:
-            out.pop("judge.properties", None)
-            out.pop("properties", None)
-        return out
+    added: ClassVar[dict[str, Any]] = {"properties": None}
 
     @property
     def models(self) -> tuple[str, ...]:

@@ -290,6 +290,9 @@ def train_loop(
 
 
 class TrainParams(Params):
+    # without warm-up the schedule is what it was before `warmup_ratio` existed
+    added: ClassVar[dict[str, Any]] = {"warmup_ratio": 0}
+
     engine: str = key("model.engine")
     model: ModelRef = key("model.base_model")
     lora_rank: int = key("training.lora_rank")
@@ -300,11 +303,6 @@ class TrainParams(Params):
     epochs: int = key("training.epochs")
     seed: int = key("training.seed")
 
-    def dump(self) -> dict[str, Any]:
-        """Without warm-up the schedule is what it was before `warmup_ratio` existed: leave the
-        field out, so models trained then keep their fingerprints (nothing retrains)."""
-        exclude = {"warmup_ratio"} if self.warmup_ratio == 0 else set()
-        return self.model_dump(mode="json", by_alias=True, exclude=exclude)
 
 
 class SourceCount(BaseModel):
