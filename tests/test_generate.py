@@ -375,3 +375,12 @@ def test_too_few_generated_documents_for_the_test_split_stop_the_dataset(project
     project.edit(lambda d: d["generate"]["ffdocs"]["steps"][2].update(count=3))
     assert project.spar("apply", str(project.spec), capsys=capsys).code == 0
     assert len(rows(project.runs / "exp/dataset/train.jsonl")) == 1
+
+
+def test_no_credentials_stop_generation_in_one_line(project, server, capsys, monkeypatch, tmp_path):
+    setup(project)
+    monkeypatch.delenv("ANTHROPIC_API_KEY")
+    monkeypatch.setenv("ANTHROPIC_CONFIG_DIR", str(tmp_path))  # no profile on disk either
+    r = project.spar("apply", str(project.spec), capsys=capsys)
+    assert r.code == 1 and "generate anthropic: no credentials" in r.err, r.err
+    assert server.requests == []

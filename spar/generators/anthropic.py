@@ -25,6 +25,7 @@ from spar.judges.anthropic.wire import (
     FATAL,
     describe,
     env_number,
+    has_credentials,
 )
 
 
@@ -59,7 +60,7 @@ class AnthropicGenerator:
             client = anthropic.Anthropic(max_retries=retries, timeout=timeout)
         except anthropic.CredentialsError:
             client = None
-        if client is None or (client.api_key is None and client.auth_token is None):
+        if client is None or not has_credentials(client):
             raise RunError("generate anthropic: no credentials: set ANTHROPIC_API_KEY")
         return client
 

@@ -85,6 +85,11 @@ def fatal(e: anthropic.APIStatusError, secret: str | None = None) -> RunError:
     return RunError(f"judge anthropic: {describe(e, secret)} (check ANTHROPIC_API_KEY)")
 
 
+def has_credentials(client: anthropic.Anthropic | anthropic.AsyncAnthropic) -> bool:
+    """Did the SDK find any credentials (a key, a token, or another of its sources)?"""
+    return not (client.api_key is None and client.auth_token is None and not client.credentials)
+
+
 @contextlib.asynccontextmanager
 async def open_client(timeout: float, max_retries: int) -> AsyncIterator[anthropic.AsyncAnthropic]:
     """The SDK's async client; RunError when it finds no credentials."""
@@ -98,7 +103,7 @@ async def open_client(timeout: float, max_retries: int) -> AsyncIterator[anthrop
             f"judge anthropic: no credentials: set ANTHROPIC_API_KEY ({describe(e, secret)})"
         ) from None
     try:
-        if client.api_key is None and client.auth_token is None and not client.credentials:
+        if not has_credentials(client):
             raise RunError("judge anthropic: no credentials: set ANTHROPIC_API_KEY")
         yield client
     finally:
