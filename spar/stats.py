@@ -1,33 +1,31 @@
-"""Hierarchical bootstrap statistics for judged scores.
+"""Intervals for judged scores that hold their level with few questions and few seeds.
 
 Scores are grouped as seed -> question -> samples. A seed is one replication of the experiment (a
 separately fine-tuned model, or one sampling seed); a question is one eval question; a sample is
-one judged answer of that seed to that question.
+one judged answer of that seed to that question. Every interval is a t interval: the point
+estimate, its standard error and degrees of freedom come from the design, and the interval is
+`mean ± t(df, (1 + confidence) / 2) · se`. Which randomness it covers is the estimand
+(`generalize`), stated with every number:
 
-Estimand: the mean score of a random seed (a new replication of the whole training run) answering
-a random question of the population the eval questions stand for, once. The point estimate is the
-mean of every value (each sample weighs the same; with the same number of samples in every
-(seed, question) cell it is the mean of the cell means).
+- `questions` (default) — a new question drawn from the population the tier's questions stand for
+  (and, with several seeds, a new seed: a new replication of the training run). The point estimate
+  is the mean of the question means (of the seed × question cell means with seeds), each question
+  weighing the same. With one seed the interval is Student's t on the k question means with k − 1
+  degrees of freedom (exact for normal question means whatever the samples per question). With
+  seeds that answered the same questions (spar's sweeps: crossed seeds × questions) the variance
+  of the grand mean is estimated from the two-way mean squares of the cell means,
+  `(MS_seeds + MS_questions) / (S · Q)` (conservative by the interaction mean square, never
+  negative), with Satterthwaite's degrees of freedom. Seeds whose question sets differ are nested:
+  Student's t on the seed means with S − 1 degrees of freedom.
+- `samples` — these questions (and seeds) fixed; only the sampling of answers is random. The
+  estimand is the mean over the cells (question, or seed × question) of each cell's expected
+  score. Its variance is the pooled within-cell sample variance over the cells' counts, with
+  N − cells degrees of freedom; with one sample per cell there is none to pool, and no interval.
 
-The CI is the percentile interval of bootstrap replicate means. A replicate resamples, with
-replacement and as many as there are, at every level:
-
-- crossed (every seed answered the same questions, given as per-seed mappings with the same
-  question keys — spar's sweeps: one eval set for every seed): the seeds, and ONE draw of
-  question keys used for every drawn seed; then the samples of every (drawn seed, drawn
-  question) cell. Seeds and questions are two crossed random factors, and a question's effect
-  counts once per replicate, not once per seed: drawing questions apart in every seed averages
-  the question effect over the seeds and narrows the interval (3 seeds x 12 questions x 2
-  samples, questions varying more than seeds: a nominal 95 % interval covered the true mean in
-  88 % of 2,000 simulated experiments drawn apart, 96 % crossed; tests/test_coverage.py).
-  Seeds are few: with 3 of them the seed level's spread is underestimated, and when seeds vary
-  as much as questions the crossed interval covers ~90 %;
-- nested (the seeds' question sets differ, or the questions are given as plain lists without
-  keys): the seeds, then the questions of each drawn seed apart, then the samples of each drawn
-  question.
-
-With one seed both schemes are the same: questions, then samples (the seed level is a no-op).
-Invalid verdicts never enter a group: they are counted apart.
+Coverage at the seed study's designs is checked by simulation (tests/test_coverage.py). Invalid
+verdicts never enter a group: they are counted apart. `p_value` is the two-sided t test of a zero
+mean with the same standard error and degrees of freedom (meaningful for differences: paired
+deltas, leakage gaps); `holm` adjusts a family of them.
 """
 
 from __future__ import annotations
@@ -37,12 +35,16 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+from scipy import stats as _t
 
 Values = Sequence[float] | np.ndarray
-# seed -> question -> scores; a seed is a list of questions (unkeyed: nested bootstrap) or a
-# mapping question key -> scores (keyed: crossed bootstrap when every seed has the same keys)
+# seed -> question -> scores; a seed is a list of questions (unkeyed) or a mapping question key ->
+# scores (keyed: seeds with the same keys are crossed seeds x questions)
 Groups = Sequence[Sequence[Values] | Mapping[str, Values]]
-Scheme = Literal["auto", "nested"]
+Generalize = Literal["questions", "samples"]
+
+# below this many questions an interval over questions is wide for want of questions: say so
+FEW_QUESTIONS = 10
 
 
 @dataclass(frozen=True)
@@ -50,10 +52,32 @@ class Estimate:
     mean: float | None
     low: float | None
     high: float | None
-    n: int
+    n: int  # values (judged answers)
+    questions: int = 0  # distinct questions
+    seeds: int = 0
+    se: float | None = None
+    df: float | None = None
+    p_value: float | None = None  # two-sided, of a zero mean
+    method: str = ""  # how the interval was made, in words
 
-    def as_json(self) -> dict[str, float | int | None]:
-        return {"mean": self.mean, "ci_low": self.low, "ci_high": self.high, "n": self.n}
+    @property
+    def few_questions(self) -> bool:
+        return 0 < self.questions < FEW_QUESTIONS
+
+    def as_json(self) -> dict[str, float | int | str | bool | None]:
+        return {
+            "mean": self.mean,
+            "ci_low": self.low,
+            "ci_high": self.high,
+            "n": self.n,
+            "questions": self.questions,
+            "seeds": self.seeds,
+            "se": self.se,
+            "df": self.df,
+            "p_value": self.p_value,
+            "method": self.method,
+            "few_questions": self.few_questions,
+        }
 
 
 @dataclass(frozen=True)
@@ -63,9 +87,10 @@ class _Design:
 
     seeds: list[list[np.ndarray]]
     crossed: bool
+    questions: int  # distinct questions over every seed
 
 
-def _design(groups: Groups, scheme: Scheme = "auto") -> _Design:
+def _design(groups: Groups) -> _Design:
     keyed: list[dict[str | int, np.ndarray]] = []
     seeds: list[list[np.ndarray]] = []
     for seed in groups:
@@ -76,120 +101,125 @@ def _design(groups: Groups, scheme: Scheme = "auto") -> _Design:
             seeds.append(list(qs.values()))
     all_keyed = all(isinstance(s, Mapping) for s in groups)
     shared = len(keyed) > 1 and all(set(s) == set(keyed[0]) for s in keyed[1:])
-    if scheme == "auto" and all_keyed and shared:
+    if all_keyed and shared:
         order = list(keyed[0])
-        return _Design([[s[k] for k in order] for s in keyed], crossed=True)
-    return _Design(seeds, crossed=False)
+        return _Design([[s[k] for k in order] for s in keyed], True, len(order))
+    distinct = len({k for s in keyed for k in s}) if all_keyed else sum(len(s) for s in seeds)
+    return _Design(seeds, False, distinct)
 
 
-# cells (replicates x drawn questions x samples) computed at once: bounds the memory of a replicate
-# batch (~8 bytes a cell, a few arrays) whatever the number of resamples
-_CHUNK_CELLS = 4_000_000
+def _interval(
+    mean: float, se: float | None, df: float | None, confidence: float
+) -> tuple[float | None, float | None, float | None]:
+    """(low, high, two-sided p of a zero mean) of a t interval; Nones without a usable se/df."""
+    if se is None or df is None or not df > 0:
+        return None, None, None
+    if se == 0:
+        return mean, mean, (1.0 if mean == 0 else 0.0)
+    half = float(_t.t.ppf((1 + confidence) / 2, df)) * se
+    p = float(2 * _t.t.sf(abs(mean) / se, df))
+    return mean - half, mean + half, p
 
 
-def bootstrap_means(
-    groups: Groups, resamples: int, rng: np.random.Generator, scheme: Scheme = "auto"
-) -> np.ndarray:
-    """`resamples` replicate means of the hierarchical bootstrap (seeds, questions, samples).
-
-    A replicate draws as many seeds as there are, with replacement. Crossed design (`scheme`
-    "auto" and every seed a mapping with the same question keys): one draw of as many question
-    keys as there are, with replacement, used for every drawn seed. Nested design (otherwise, or
-    `scheme="nested"`): for each drawn seed apart, as many of its questions as it has. Then, for
-    each drawn (seed, question) cell, as many of its samples as it has, with replacement; the
-    replicate is the mean of every drawn value (the estimator of the point estimate, the mean of
-    all values). With one seed the seed level is a no-op and the two designs are the same."""
-    return _bootstrap(_design(groups, scheme), resamples, rng)
-
-
-def _bootstrap(design: _Design, resamples: int, rng: np.random.Generator) -> np.ndarray:
-    seeds = design.seeds
-    questions = [q for s in seeds for q in s]
-    sizes = np.array([len(q) for q in questions])
-    width = int(sizes.max())
-    padded = np.zeros((len(questions), width))
-    for i, q in enumerate(questions):
-        padded[i, : len(q)] = q
-    counts = np.array([len(s) for s in seeds])
-    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    drawn_q = int(counts[0]) if len(seeds) == 1 else len(seeds) * int(counts.max())
-    chunk = max(1, _CHUNK_CELLS // (drawn_q * width))
-    out = [
-        _replicates(
-            padded, sizes, counts, first, design.crossed, min(chunk, resamples - start), rng
+def _over_questions(d: _Design) -> tuple[float, float | None, float | None, str]:
+    """(mean, se, df, method) generalising to new questions (and new seeds)."""
+    if len(d.seeds) == 1:
+        means = np.array([q.mean() for q in d.seeds[0]])
+        k = len(means)
+        se = float(means.std(ddof=1) / np.sqrt(k)) if k > 1 else None
+        return float(means.mean()), se, (k - 1 if k > 1 else None), (
+            f"Student t over the {k} question means ({k - 1} df)"
         )
-        for start in range(0, resamples, chunk)
-    ]
-    return np.concatenate(out)
+    if d.crossed:
+        cells = np.array([[q.mean() for q in s] for s in d.seeds])  # seeds x questions
+        s_n, q_n = cells.shape
+        grand = float(cells.mean())
+        if q_n == 1:  # one question: the seeds alone
+            return _seed_means(cells[:, 0], "of the one question's")
+        ms_s = q_n * float(((cells.mean(1) - grand) ** 2).sum()) / (s_n - 1)
+        ms_q = s_n * float(((cells.mean(0) - grand) ** 2).sum()) / (q_n - 1)
+        var = (ms_s + ms_q) / (s_n * q_n)
+        den = ms_s**2 / (s_n - 1) + ms_q**2 / (q_n - 1)
+        df = (ms_s + ms_q) ** 2 / den if den > 0 else float((s_n - 1) + (q_n - 1))
+        return grand, float(np.sqrt(var)), df, (
+            f"t over {s_n} seeds × {q_n} questions crossed: variance (MS seeds + MS questions) "
+            f"/ (seeds · questions), Satterthwaite df ({df:.1f})"
+        )
+    seed_means = np.array([np.mean([q.mean() for q in s]) for s in d.seeds])
+    return _seed_means(seed_means, "(each the mean of its question means)")
 
 
-def _replicates(
-    padded: np.ndarray,
-    sizes: np.ndarray,
-    counts: np.ndarray,
-    first: np.ndarray,
-    crossed: bool,
-    resamples: int,
-    rng: np.random.Generator,
-) -> np.ndarray:
-    n_seeds = len(counts)
-    # levels 1 and 2: seeds, then questions -> (resamples, k) question rows of `padded`, -1 where
-    # a drawn seed has fewer questions than the widest (nested design only)
-    if n_seeds == 1:
-        q_idx = rng.integers(0, counts[0], (resamples, counts[0]))
-    elif crossed:  # every seed has the same questions, in the same order
-        chosen = rng.integers(0, n_seeds, (resamples, n_seeds))
-        n_q = int(counts[0])
-        shared = rng.integers(0, n_q, (resamples, n_q))  # one draw for every drawn seed
-        q_idx = (first[chosen][..., None] + shared[:, None, :]).reshape(resamples, n_seeds * n_q)
-    else:
-        chosen = rng.integers(0, n_seeds, (resamples, n_seeds))
-        n_q = counts[chosen]  # questions of each drawn seed
-        width_q = int(counts.max())
-        within = rng.integers(0, n_q[..., None], (resamples, n_seeds, width_q))
-        rows = first[chosen][..., None] + within
-        valid = np.arange(width_q) < n_q[..., None]
-        q_idx = np.where(valid, rows, -1).reshape(resamples, n_seeds * width_q)
-    present = q_idx >= 0
-    q_safe = np.where(present, q_idx, 0)
-    # level 3: samples within each drawn (seed, question) cell
-    width = padded.shape[1]
-    n = sizes[q_safe]
-    draws = (rng.random((*q_safe.shape, width)) * n[..., None]).astype(int)
-    vals = np.take_along_axis(padded[q_safe], draws, axis=-1)
-    keep = (np.arange(width) < n[..., None]) & present[..., None]
-    return (vals * keep).sum(axis=(1, 2)) / keep.sum(axis=(1, 2))
+def _seed_means(means: np.ndarray, what: str) -> tuple[float, float | None, float | None, str]:
+    s_n = len(means)
+    return float(means.mean()), float(means.std(ddof=1) / np.sqrt(s_n)), s_n - 1, (
+        f"Student t over the {s_n} seed means {what} ({s_n - 1} df)"
+    )
+
+
+def _over_samples(d: _Design) -> tuple[float, float | None, float | None, str]:
+    """(mean, se, df, method) with the cells (seed × question) fixed: pooled within-cell
+    variance of the samples."""
+    cells = [q for s in d.seeds for q in s]
+    c = len(cells)
+    mean = float(np.mean([q.mean() for q in cells]))
+    dof = sum(len(q) - 1 for q in cells)
+    what = "question" if len(d.seeds) == 1 else "seed × question cell"
+    if dof == 0:
+        return mean, None, None, f"no interval: one sample per {what}, no within-{what} spread"
+    pooled = sum(float(((q - q.mean()) ** 2).sum()) for q in cells) / dof
+    se = float(np.sqrt(pooled * sum(1 / len(q) for q in cells)) / c)
+    return mean, se, float(dof), (
+        f"t with the pooled within-{what} sample variance, {c} {what}s fixed ({dof} df)"
+    )
 
 
 def estimate(
-    groups: Groups, resamples: int = 2000, seed: int = 0, confidence: float = 0.95
+    groups: Groups, generalize: Generalize = "questions", confidence: float = 0.95
 ) -> Estimate:
-    """Mean of all scores with a hierarchical-bootstrap percentile CI (see the module docstring:
-    crossed seeds x questions when every seed is a mapping with the same question keys, else
-    nested)."""
-    design = _design(groups)
-    flat = [x for s in design.seeds for q in s for x in q]
-    if not flat:
+    """The mean (over questions, or seed × question cells, each weighing the same) with a t
+    interval for the estimand `generalize` (see the module docstring)."""
+    d = _design(groups)
+    n = sum(len(q) for s in d.seeds for q in s)
+    if not n:
         return Estimate(None, None, None, 0)
-    mean = float(np.mean(flat))
-    if len(flat) == 1:
-        return Estimate(mean, mean, mean, 1)
-    reps = _bootstrap(design, resamples, np.random.default_rng(seed))
-    alpha = (1 - confidence) / 2
-    low, high = np.quantile(reps, [alpha, 1 - alpha])
-    return Estimate(mean, float(low), float(high), len(flat))
+    if generalize == "questions":
+        mean, se, df, method = _over_questions(d)
+    else:
+        mean, se, df, method = _over_samples(d)
+    low, high, p = _interval(mean, se, df, confidence)
+    if low is None and generalize == "questions":
+        method = "no interval: one question" + ("" if len(d.seeds) < 2 else " and one seed")
+    return Estimate(mean, low, high, n, d.questions, len(d.seeds), se, df, p, method)
+
+
+def holm(p_values: Sequence[float | None]) -> list[float | None]:
+    """Holm's step-down adjustment of a family of p-values (None: not in the family, kept None).
+    Controls the family-wise error rate at any dependence between the tests."""
+    present = sorted((p, i) for i, p in enumerate(p_values) if p is not None)
+    m = len(present)
+    out: list[float | None] = [None] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(present):
+        running = max(running, min(1.0, (m - rank) * p))
+        out[i] = running
+    return out
 
 
 def _hits(values: Values, threshold: float) -> list[float]:
     return [float(x >= threshold) for x in values]
 
 
-def rate(groups: Groups, threshold: float, **kw: float | int) -> Estimate:
-    """Share of scores >= threshold, with the same hierarchical CI (keys kept)."""
+def rate(
+    groups: Groups,
+    threshold: float,
+    generalize: Generalize = "questions",
+    confidence: float = 0.95,
+) -> Estimate:
+    """Share of scores >= threshold, with the same interval (keys kept)."""
     as_hits: list[list[list[float]] | dict[str, list[float]]] = [
         {k: _hits(q, threshold) for k, q in s.items()}
         if isinstance(s, Mapping)
         else [_hits(q, threshold) for q in s]
         for s in groups
     ]
-    return estimate(as_hits, **kw)  # type: ignore[arg-type]
+    return estimate(as_hits, generalize, confidence)  # type: ignore[arg-type]
