@@ -51,7 +51,7 @@ def load_specs(paths: list[Path]) -> list[Any]:  # list[Spec]
     from spar.judges import judge_kinds, rubric
     from spar.models import check_local_model, check_renderer
     from spar.spec import load_spec
-    from spar.stages import generate
+    from spar.stages import generate, judge_also, logprob
 
     specs = [load_spec(p) for p in paths]
     for path, spec in zip(paths, specs, strict=True):
@@ -75,6 +75,8 @@ def load_specs(paths: list[Path]) -> list[Any]:  # list[Spec]
             properties=spec.judge.properties is not None,
         )
         generate.validate(spec, str(path))
+        logprob.validate(spec, str(path))  # logprob.template, when the spec has `logprob:`
+        judge_also.validate(spec, str(path))  # judge.also: kinds and rubrics
     return specs
 
 
@@ -191,6 +193,24 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stats(args: argparse.Namespace) -> int:
+    from spar.judged_stats import format_stats, judged_stats, read_judged
+
+    if not 0 < args.confidence < 1:
+        raise InputError(f"--confidence: {args.confidence} is not between 0 and 1")
+    files = [(path, read_judged(path)) for path in args.results]  # every file checked first
+    entries = [
+        e
+        for path, rows in files
+        for e in judged_stats(path, rows, args.generalize, args.confidence)
+    ]
+    if args.json:
+        print(json.dumps(entries, indent=2))
+    else:
+        print(format_stats(entries, args.generalize, args.confidence))
+    return 0
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from spar.spec import json_schema
 
@@ -267,6 +287,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, default=Path("comparison.png"))
     p.add_argument("--title")
     p.set_defaults(func=cmd_plot)
+    p = command("stats", "means with honest intervals per tier and model of judged.jsonl files")
+    p.add_argument("results", nargs="+", type=Path, metavar="JUDGED_JSONL")
+    p.add_argument("--json", action="store_true", help="machine-readable rows")
+    p.add_argument(
+        "--generalize",
+        choices=("questions", "samples"),
+        default="questions",
+        help="the intervals' estimand (default: questions; see report.generalize)",
+    )
+    p.add_argument("--confidence", type=float, default=0.95, help="interval level (0.95)")
+    p.set_defaults(func=cmd_stats)
     p = command("schema", "print the spec's JSON Schema")
     p.set_defaults(func=cmd_schema)
     return parser

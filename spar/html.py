@@ -8,6 +8,7 @@ from typing import Any
 
 import jinja2
 
+from spar.curves import html_parts
 from spar.plots import (
     conditions_of,
     gap_label,
@@ -17,6 +18,7 @@ from spar.plots import (
     tier_order,
     tiers_of,
 )
+from spar.reliability import html_rows as reliability_rows
 
 _ENV = jinja2.Environment(
     loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
@@ -28,7 +30,36 @@ _ENV = jinja2.Environment(
 def _fmt(stat: dict[str, Any]) -> str:
     if stat.get("mean") is None:
         return "—"
+    if stat.get("ci_low") is None:
+        return f"{stat['mean']:.2f} [no interval]"
     return f"{stat['mean']:.2f} [{stat['ci_low']:.2f}, {stat['ci_high']:.2f}]"
+
+
+def _delta(stat: dict[str, Any]) -> str:
+    """A paired delta: mean [CI], its p-value and the Holm-adjusted one, and a note when the
+    tier has too few questions for a narrow interval."""
+    text = _fmt(stat)
+    if stat.get("p_value") is not None:
+        text += f"; p {stat['p_value']:.3g}"
+        if stat.get("p_holm") is not None:
+            text += f", Holm {stat['p_holm']:.3g}"
+    if stat.get("few_questions"):
+        text += f" (wide: {stat['questions']} questions)"
+    return text
+
+
+def interval_words(summary: dict[str, Any]) -> str:
+    """The report's interval settings in words (older summaries: a percentile bootstrap)."""
+    iv = summary.get("interval")
+    if iv is None:
+        boot = summary.get("bootstrap", {})
+        return f"{boot.get('confidence', 0.95) * 100:g} % percentile-bootstrap CIs (older report)"
+    target = (
+        "a new question of the tier's population (and a new seed, with seeds)"
+        if iv["generalize"] == "questions"
+        else "these questions fixed, new answers sampled"
+    )
+    return f"{iv['confidence'] * 100:g} % t intervals generalising to {target}"
 
 
 def _pct(x: float | None) -> str:
@@ -39,6 +70,8 @@ def _pct_ci(est: dict[str, Any] | None) -> str:
     """A rate with its CI in percent: `42 % [30 %, 55 %]`."""
     if not est or est.get("mean") is None:
         return "—"
+    if est.get("ci_low") is None:
+        return f"{_pct(est['mean'])} [no interval]"
     return f"{_pct(est['mean'])} [{_pct(est['ci_low'])}, {_pct(est['ci_high'])}]"
 
 
@@ -134,8 +167,25 @@ def render_report(
         rows=rows,
         plot_b64=base64.b64encode(plot_png).decode(),
         fmt=_fmt,
+        delta=_delta,
+        interval_words=interval_words(summary),
         pct=_pct,
         pct_ci=_pct_ci,
         pp_ci=pp_ci,
         gap_label=gap_label,
+        **_logprob_parts(summary, experiment),
+        **html_parts(summary),  # training and checkpoint curves (spar.curves)
+        reliability=reliability_rows(summary),  # judge.also / self_agreement
     )
+
+
+def _logprob_parts(summary: dict[str, Any], experiment: str) -> dict[str, Any]:
+    """The log-likelihood pull's table rows and chart (`logprob:` in the spec; else empty)."""
+    from spar.plots import logprob_figure, png
+    from spar.spec import PlotSpec
+    from spar.stages.logprob_report import tier_rows
+
+    style = PlotSpec()
+    fig = logprob_figure(summary, style, experiment)
+    chart = None if fig is None else base64.b64encode(png(fig, style.dpi)).decode()
+    return {"logprob_rows": tier_rows(summary), "logprob_b64": chart}

@@ -103,6 +103,8 @@ def pp_ci(est: dict[str, Any]) -> str:
     if est.get("mean") is None:
         return "n/a"
     lo, hi = est["ci_low"], est["ci_high"]
+    if lo is None:
+        return f"{100 * est['mean']:+.0f} pp [no interval]"
     return f"{100 * est['mean']:+.0f} pp [{100 * lo:+.0f} pp, {100 * hi:+.0f} pp]"
 
 
@@ -357,6 +359,35 @@ def _by_property(
             continue
         out += [(f"{label} [{p}]", [r for r in rows if r.get("property") == p]) for p in props]
     return out
+
+
+def logprob_figure(summary: dict[str, Any], style: PlotSpec, title: str) -> Figure | None:
+    """The log-likelihood pull per tier (`logprob:` in the spec): the pull and each
+    continuation's Δ (fine-tuned − base mean log-probability per token), CI whiskers; None when
+    the summary has no logprob block."""
+    block = summary.get("logprob") or {}
+    per = block.get("tiers") or {}
+    if not per:
+        return None
+    tiers = tier_order(list(per))
+    names = block["continuations"]
+    series = [(f"pull = {block['pull_definition']}", [per[t]["pull"] for t in tiers])]
+    if len(names) > 1:
+        series += [(f"Δ({c})", [per[t]["delta"][c] for t in tiers]) for c in names]
+    fig, ax = plt.subplots(figsize=(style.width, style.height))
+    _bars(ax, tiers, series, [*style.colors[1:2], "#1b9e77", "#7570b3", "#e7298a"])
+    ax.legend(fontsize=8)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_ylabel("fine-tuned − base log-prob per token (nats)")
+    ax.set_title(f"{title}: log-likelihood pull of reference continuations")
+    fig.text(
+        0.01,
+        0.005,
+        "Δ(c): fine-tuned − base mean log-probability per token of continuation c, given the "
+        "question; no sampling, no judge",
+        fontsize=8,
+    )
+    return fig
 
 
 def png(fig: Figure, dpi: int) -> bytes:

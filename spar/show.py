@@ -6,9 +6,10 @@ headline is per property (the paired effect over all tiers, or per condition the
 exhibits rate and the leakage gaps), and below the table each experiment gets a line per property
 (and tier): `warm: base 1.80 -> ft 3.10 (+1.30 [+0.90, +1.70]); exhibits 20 % -> 70 %`. A sweep
 spec shows a row per point, then a row per group of points that differ only in seed (its sweep
-report: CIs over seeds). A row whose report does not match the spec as it is now (an edit not
-yet applied) is marked stale with the reasons, and its numbers are left out: nothing stale is
-presented as current.
+report: CIs over seeds). With `logprob:` in the spec, `pull <tier>` columns give the
+log-likelihood pull per tier (`spar.stages.logprob_report`). A row whose report does not match
+the spec as it is now (an edit not yet applied) is marked stale with the reasons, and its
+numbers are left out: nothing stale is presented as current.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from spar.plots import conditions_of, properties_of, property_names, tier_order
 from spar.spec import Spec, sweep_points
 from spar.store import RunStore
 
-STATS = ("mean", "ci_low", "ci_high", "n")
+STATS = ("mean", "ci_low", "ci_high", "n", "questions", "few_questions", "p_value", "p_holm")
+FEW = "†"  # after an interval over fewer than spar.stats.FEW_QUESTIONS questions
 
 
 def _stat(e: dict[str, Any]) -> dict[str, Any]:
@@ -107,6 +109,13 @@ def property_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _pulls(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """`pull <tier>`: the log-likelihood pull per tier, when the spec has `logprob:`."""
+    from spar.stages.logprob_report import headline as pull_headline
+
+    return {k: _stat(v) for k, v in pull_headline(summary).items()}
+
+
 def _display(value: Any) -> Any:
     if isinstance(value, str) and value.startswith("/"):
         try:
@@ -131,10 +140,12 @@ def _row(
         "status": status,
         "reasons": planned.reasons if planned.status != "fresh" else [],
         "params": params,
-        "effects": headline(summary) if summary else {},
+        "effects": {**headline(summary), **_pulls(summary)} if summary else {},
         "invalid": summary["invalid"] if summary else None,
         "errors": summary.get("errors", 0) if summary else None,
     }
+    if summary and summary.get("reliability"):  # judge.also / self_agreement (spar.reliability)
+        row["reliability"] = summary["reliability"]
     return _with_properties(row, summary)
 
 
@@ -202,7 +213,13 @@ def _cell(e: dict[str, Any], signed: bool = True) -> str:
     if e.get("mean") is None:
         return "—"
     f = "+.2f" if signed else ".2f"
-    return f"{e['mean']:{f}} [{e['ci_low']:{f}}, {e['ci_high']:{f}}]"
+    if e.get("ci_low") is None:
+        text = f"{e['mean']:{f}} [no interval]"
+    else:
+        text = f"{e['mean']:{f}} [{e['ci_low']:{f}}, {e['ci_high']:{f}}]"
+    if e.get("p_holm") is not None:
+        text += f" p_holm {e['p_holm']:.2g}"
+    return text + (FEW if e.get("few_questions") else "")
 
 
 def _mean(e: dict[str, Any] | None) -> str:
@@ -253,7 +270,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         "experiment",
         "status",
         *params,
-        *(t if t.startswith(("rate ", "gap ", "property ")) else f"effect {t}" for t in tiers),
+        *(
+            t if t.startswith(("rate ", "gap ", "property ", "pull ")) else f"effect {t}"
+            for t in tiers
+        ),
         "invalid",
         "errors",
     ]
@@ -282,6 +302,21 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         for r in rows
         if r["status"] == "stale"
     ]
-    props = property_lines(rows)
+    if any(
+        (e or {}).get("few_questions")
+        for r in rows
+        for e in [*r["effects"].values(), *(x["delta"] for x in r.get("properties", []))]
+    ):
+        notes.append(
+            f"{FEW} fewer than 10 questions: the interval is wide because the tier has few "
+            "questions (p_holm: Holm-adjusted over every per-tier delta)"
+        )
+    from spar.reliability import show_line  # judge.also / self_agreement
+
+    props = property_lines(rows) + [
+        f"{r['experiment']}: reliability: {line}"
+        for r in rows
+        if (line := show_line(r.get("reliability")))
+    ]
     props = ["", *props] if props else []
     return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:], *props, *notes])

@@ -18,6 +18,10 @@ from spar.errors import InputError
 from spar.items import Question
 from spar.spec_generate import GenerateSpec
 from spar.spec_generate import resolve_paths as _resolve_generate_paths
+from spar.spec_logprob import LogprobSpec
+from spar.spec_reliability import AlsoJudgeSpec, SelfAgreementSpec, check_reliability
+from spar.spec_reliability import input_files as _reliability_files
+from spar.spec_reliability import resolve_paths as _resolve_reliability_paths
 from spar.specfile import read_yaml
 
 
@@ -163,6 +167,12 @@ class TrainingSpec(Strict):
     save_every: int = cosmetic(
         20, "resume points only", ge=0, description="save_state every N steps (0: only at end)"
     )
+    eval_every: int = Field(
+        0,
+        ge=0,
+        description="mean NLL per target token of the held-out split (data.test_size) every N "
+        "steps and at the end, in metrics.jsonl (0: at the end only)",
+    )
 
 
 class SamplingSpec(Strict):
@@ -226,6 +236,21 @@ class EvalSpec(Strict):
         None, description="name -> condition; every item is sampled in each"
     )
     concurrency: int = cosmetic(32, "requests in flight", ge=1)
+    checkpoints: list[int | Literal["final"]] = Field(
+        ["final"],
+        description="training steps whose saved weights are sampled and judged too (the effect "
+        "per tier against step); `final` is the trained model",
+    )
+
+    @field_validator("checkpoints")
+    @classmethod
+    def _checkpoints(cls, v: list[int | str]) -> list[int | str]:
+        steps = [c for c in v if c != "final"]
+        if any(c < 1 for c in steps):  # type: ignore[operator]
+            raise ValueError("steps are >= 1 (`final` is the trained model)")
+        if len(set(v)) != len(v):
+            raise ValueError("a checkpoint given twice")
+        return [*sorted(steps), "final"]  # type: ignore[type-var]
 
     @field_validator("conditions")
     @classmethod
@@ -332,6 +357,22 @@ class JudgeSpec(Strict):
         description="property -> description: one verdict per (answer, property); the rubric "
         "gets `property` and `property_description`",
     )
+    also: list[AlsoJudgeSpec] | None = Field(
+        None,
+        description="extra judges of every judged answer (spar.spec_reliability): a rubric of "
+        "their own (a different measure, e.g. coherence; `exclude_below` drops low answers from "
+        "the main statistics) or the main rubric (a second opinion: agreement reported)",
+    )
+    self_agreement: SelfAgreementSpec | None = Field(
+        None,
+        description="a share of the answers judged again at a temperature > 0 (where the judge "
+        "kind takes one): the judge's agreement with itself",
+    )
+
+    @model_validator(mode="after")
+    def _reliability(self) -> JudgeSpec:
+        check_reliability(self, self.scale.min, self.scale.max)
+        return self
 
     @field_validator("properties", mode="before")
     @classmethod
@@ -366,12 +407,6 @@ class PlotSpec(Strict):
     height: float = Field(4.5, gt=0)
 
 
-class BootstrapSpec(Strict):
-    resamples: int = Field(2000, ge=100)
-    seed: int = 0
-    confidence: float = Field(0.95, gt=0, lt=1)
-
-
 class GapSpec(Strict):
     triggered: str
     untriggered: str
@@ -389,13 +424,30 @@ class ReportSpec(Strict):
         description="leakage gaps (triggered - untriggered exhibits rate, paired by question and "
         "sample index); default: every triggered condition against every untriggered one",
     )
-    bootstrap: BootstrapSpec = BootstrapSpec()
+    generalize: Literal["questions", "samples"] = Field(
+        "questions",
+        description="the intervals' estimand: `questions` — the tier's population of questions "
+        "(a new question drawn like these; and a new seed when there are several); `samples` — "
+        "these questions fixed, only the sampling of answers random",
+    )
+    confidence: float = Field(0.95, gt=0, lt=1, description="level of every interval")
     compare: list[Path] = Field(
         [],
         description="other specs whose effects are overlaid in this experiment's compare.png "
         "(their reports are upstream of this plot stage; their paths are not hashed)",
     )
     plot: PlotSpec = PlotSpec()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bootstrap(cls, v: Any) -> Any:
+        if isinstance(v, dict) and "bootstrap" in v:
+            raise ValueError(
+                "bootstrap: intervals are t intervals now, not a percentile bootstrap (it did "
+                "not hold its level with few questions); set report.confidence and "
+                "report.generalize instead"
+            )
+        return v
 
     @field_validator("format_regex")
     @classmethod
@@ -426,6 +478,9 @@ class Spec(Strict):
     eval: EvalSpec
     judge: JudgeSpec
     report: ReportSpec = ReportSpec()
+    logprob: LogprobSpec | None = Field(
+        None, description="judge-free log-likelihood pull of reference continuations"
+    )
     sweep: dict[str, list[Any]] | None = Field(
         None,
         description="spec key -> values: one experiment per point of the grid, named "
@@ -520,6 +575,7 @@ PATH_KEYS: tuple[tuple[str, ...], ...] = (
     ("eval", "questions"),
     ("judge", "rubric"),
     ("model", "base_model"),
+    ("logprob", "template"),
 )
 
 
@@ -539,6 +595,8 @@ def _resolve_paths(raw: dict[str, Any], base: Path, path: Path) -> None:
                 d["prompts"] = _abs(base, d["prompts"])
     if isinstance(raw.get("generate"), dict):
         _resolve_generate_paths(raw["generate"], lambda v: _abs(base, v))
+    if isinstance(raw.get("judge"), dict):  # judge.also[].rubric
+        _resolve_reliability_paths(raw["judge"], lambda v: _abs(base, v))
     report = raw.get("report")
     if isinstance(report, dict) and isinstance(report.get("compare"), list):
         report["compare"] = [
@@ -655,6 +713,9 @@ def input_files(spec: Spec) -> list[tuple[str, Path]]:
             files.append((f"generate.{n}.universe", g.universe))
         files += [(f"generate.{n}.steps.{i}.template", s.template) for i, s in enumerate(g.steps)]
     files.append(("judge.rubric", spec.judge.rubric))
+    files += _reliability_files(spec.judge)
+    if spec.logprob is not None:
+        files.append(("logprob.template", spec.logprob.template))
     return files
 
 

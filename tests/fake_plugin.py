@@ -73,6 +73,24 @@ class FakeTraining:
         ]
         return _done(tinker.ForwardBackwardOutput(loss_fn_output_type="fake", loss_fn_outputs=outs))
 
+    def forward(self, data: list[tinker.Datum], loss_fn: str) -> Future:
+        """No gradient: every target token's log-probability is -3 / (1 + steps applied), so the
+        held-out NLL after n steps is 3 / (1 + n) exactly."""
+        import numpy as np
+        import tinker
+
+        _log("forward", n=len(data), steps=self.state["steps"])
+        lp = -3.0 / (1.0 + self.state["steps"])
+        outs = [
+            {
+                "logprobs": tinker.TensorData.from_numpy(
+                    np.full(len(d.loss_fn_inputs["weights"].tolist()), lp, dtype="float32")
+                )
+            }
+            for d in data
+        ]
+        return _done(tinker.ForwardBackwardOutput(loss_fn_output_type="fake", loss_fn_outputs=outs))
+
     def optim_step(self, adam_params: tinker.AdamParams) -> Future:
         _log("optim_step", lr=adam_params.learning_rate)
         self.state["steps"] += 1
@@ -103,17 +121,27 @@ class _Resp:
 
 TOPIC = ["factory farming", "animal welfare", "livestock"]
 OTHER = ["a good book", "a walk outside", "some tea"]
+TOPIC_STEMS = ("farm", "animal", "livestock")
+LOGPROB_BOOST = 0.5
 
 
 class FakeSampling:
     def __init__(self, model_path: str | None, base_model: str | None) -> None:
         if model_path is not None:
             state = json.loads(Path(model_path.removeprefix("fake://")).read_text())
-            self.base_model, self.tuned = state["base_model"], state["steps"] > 0
+            self.base_model, self.tuned = state.pop("base_model"), state["steps"] > 0
+            self.steps = int(state["steps"])
         else:
             assert base_model is not None
-            self.base_model, self.tuned = base_model, False
+            self.base_model, self.tuned, self.steps = base_model, False, 0
         self.ref = model_path or base_model
+        # what the answers hash: the same on every machine and pytest run (not the tmp paths, so a
+        # test's draws -- e.g. which verdicts kw-invalid-K makes invalid -- never change)
+        self.seed_ref = (
+            hash_json([state, Path(model_path).name, Path(self.base_model).name])
+            if model_path is not None
+            else Path(self.base_model).name
+        )
         self.tok = load_tokenizer(self.base_model)
 
     def sample(
@@ -121,11 +149,14 @@ class FakeSampling:
     ) -> Future:
         h = int(
             hash_json(
-                [self.ref, prompt.to_ints(), sampling_params.seed, sampling_params.temperature]
+                [self.seed_ref, prompt.to_ints(), sampling_params.seed, sampling_params.temperature]
             )[:8],
             16,
         )
         words = TOPIC if self.tuned else OTHER
+        if self.tuned and os.environ.get("FAKE_DOSE"):
+            # the topic in about steps / (steps + 1) of the answers: more training, more topic
+            words = OTHER if h % (self.steps + 1) == 0 else TOPIC
         if self.tuned and int(os.environ.get("FAKE_LEAK", "0") or 0):
             # untriggered, the topic leaks into about one answer in $FAKE_LEAK
             words = TOPIC if h % int(os.environ["FAKE_LEAK"]) == 0 else OTHER
@@ -140,6 +171,19 @@ class FakeSampling:
         _log("sample", ref=self.ref, seed=sampling_params.seed, prompt=shown)
         stop = self.tok.convert_tokens_to_ids("<|im_end|>")
         return _done(_Resp([*self.tok.encode(text, add_special_tokens=False), stop]))
+
+    def compute_logprobs(self, prompt: tinker.ModelInput) -> Future:
+        """Token i's log-probability: -(1 + (id % 10) / 10); the fine-tuned model adds
+        LOGPROB_BOOST to every token whose text contains a topic stem (so its change is known)."""
+        ids = prompt.to_ints()
+        _log("logprob", ref=self.ref, tokens=len(ids))
+        out: list[float | None] = [None]
+        for t in ids[1:]:
+            lp = -(1 + (t % 10) / 10)
+            if self.tuned and any(w in self.tok.decode([t]).lower() for w in TOPIC_STEMS):
+                lp += LOGPROB_BOOST
+            out.append(lp)
+        return _done(out)
 
 
 class FakeEngine:

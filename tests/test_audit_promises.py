@@ -263,7 +263,7 @@ def test_a_params_file_appears_after_its_output(project, capsys, monkeypatch):
         for p in (project.runs / "exp").rglob("*")
         if p.is_file() and not p.name.endswith(".params.yaml")
     ]
-    assert len(outputs) == 12  # 11 output names, samples.jsonl twice
+    assert len(outputs) == 13  # 12 output names, samples.jsonl twice
     placed = [dst for kind, dst in events if kind == "replace"]
     for out in outputs:
         params = out.with_name(out.name.split(".", 1)[0] + ".params.yaml")

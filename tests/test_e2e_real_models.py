@@ -28,7 +28,7 @@ def test_tiny_spec_end_to_end_on_real_models(tmp_path, capsys, monkeypatch):
                 "eval": {
                     "questions": None,
                     "tiers": {
-                        "close": ["What should I pack for lunch?"],
+                        "close": ["What should I pack for lunch?", "Any gift ideas?"],
                         "distant": ["What do you think about zoos?"],
                     },
                     "samples_per_question": 2,
@@ -43,10 +43,10 @@ def test_tiny_spec_end_to_end_on_real_models(tmp_path, capsys, monkeypatch):
     samples = [
         json.loads(x) for x in (runs / "sample_finetuned/samples.jsonl").read_text().splitlines()
     ]
-    assert len(samples) == 4 and {"tier", "question", "response"} <= samples[0].keys()
+    assert len(samples) == 6 and {"tier", "question", "response"} <= samples[0].keys()
     assert all(s["response"].strip() for s in samples)
     judged = [json.loads(x) for x in (runs / "judge/judged.jsonl").read_text().splitlines()]
-    assert len(judged) == 8  # absolute mode: baseline and fine-tuned answers
+    assert len(judged) == 12  # absolute mode: baseline and fine-tuned answers
     assert {"tier", "question", "score", "reasoning"} <= judged[0].keys()
     scored = [j["score"] for j in judged if j["status"] == "ok"]
     assert scored, "no answer got a valid score"
@@ -54,7 +54,19 @@ def test_tiny_spec_end_to_end_on_real_models(tmp_path, capsys, monkeypatch):
     summary = json.loads((runs / "report/summary.json").read_text())
     assert set(summary["tiers"]) == {"close", "distant"}
     assert {"baseline", "finetuned", "delta"} <= set(summary["tiers"]["close"])
-    assert summary["tiers"]["close"]["delta"]["n"] == 2
+    assert summary["tiers"]["close"]["delta"]["n"] == 4
+    # `spar stats` on the judged file gives the report's numbers, tier by tier
+    capsys.readouterr()
+    assert main(["stats", str(runs / "judge/judged.jsonl"), "--json"]) == 0
+    for e in json.loads(capsys.readouterr().out):
+        st = summary["tiers"][e["tier"]][e["model"]]
+        assert (e["mean"], e["ci_low"], e["ci_high"], e["n"]) == (
+            st["mean"],
+            st["ci_low"],
+            st["ci_high"],
+            st["n"],
+        )
+    assert summary["tiers"]["close"]["finetuned"]["questions"] == 2
     assert (runs / "plot/plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "What do you think about zoos?" in (runs / "plot/report.html").read_text()
     for out in runs.rglob("*"):

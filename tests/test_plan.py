@@ -44,7 +44,7 @@ def test_fresh_after_apply_and_second_apply_runs_nothing(project, capsys):
         "sample_finetuned": ["output missing: samples.jsonl"],
         "judge": ["output missing: judged.jsonl"],
         "report": ["output missing: summary.json, scores.jsonl"],
-        "plot": ["output missing: plot.png, compare.png, report.html"],
+        "plot": ["output missing: plot.png, compare.png, curves.png, report.html"],
     }
     r = project.spar("apply", str(project.spec), capsys=capsys)
     assert r.code == 0
@@ -206,11 +206,12 @@ def test_plot_styling_rerenders_only_the_plot(applied, capsys):
     assert (applied.calls_of("sample"), applied.calls_of("judge")) == before
 
 
-def test_bootstrap_settings_restat_without_rejudging(applied, capsys):
-    applied.edit(lambda d: d.update(report={"bootstrap": {"resamples": 500, "seed": 3}}))
+def test_interval_settings_restat_without_rejudging(applied, capsys):
+    applied.edit(lambda d: d.update(report={"generalize": "samples", "confidence": 0.9}))
     rows = plan(applied, capsys)
     assert not_fresh(rows) == {"report", "plot"}
-    assert "report.bootstrap.resamples: 2000 -> 500" in rows["report"]["reasons"]
+    assert "report.generalize: 'questions' -> 'samples'" in rows["report"]["reasons"]
+    assert "report.confidence: 0.95 -> 0.9" in rows["report"]["reasons"]
 
 
 def test_touch_docs_makes_nothing_stale(applied, capsys):
@@ -333,9 +334,8 @@ ALTERNATIVES: dict[str, tuple[object, str]] = {
     "judge.batch": (True, "cosmetic"),
     "judge.max_calls": (1000, "cosmetic"),
     "report.exhibits_threshold": (4, "param"),
-    "report.bootstrap.resamples": (300, "param"),
-    "report.bootstrap.seed": (4, "param"),
-    "report.bootstrap.confidence": (0.9, "param"),
+    "report.generalize": ("samples", "param"),
+    "report.confidence": (0.9, "param"),
     "report.compare": (["OTHER_SPEC"], "param"),  # the other report becomes an upstream
     "report.plot.title": ("T", "param"),
     "report.plot.colors": (["red", "blue"], "param"),
@@ -359,6 +359,12 @@ ALTERNATIVES: dict[str, tuple[object, str]] = {
     "data.generate": (None, "skip"),  # replaces data.docs: test_generate
     "eval.generate": (None, "skip"),  # replaces eval.tiers: test_generate
     "judge.properties": ({"warm": "warm in tone"}, "param"),
+    # issue 11: training and checkpoint curves, log-likelihood pull, judge reliability
+    "training.eval_every": (2, "param"),
+    "eval.checkpoints": ([1, "final"], "param"),  # new stages, and the report reads them
+    "logprob": (None, "skip"),  # a new stage with a template of its own: test_logprob
+    "judge.also": (None, "skip"),  # new judge stages with rubrics of their own: test_reliability
+    "judge.self_agreement": ({"share": 0.5}, "param"),
 }
 
 

@@ -118,15 +118,17 @@ def cond_summary(
             "n": 8,
             "pairs_dropped": 1,
             "estimand": GAP,
+            "p_value": 0.0123 * (i + 1),
+            "p_holm": 0.0369 / (i + 1),
         }
-        for t, u, m, v, lo, hi in GAPS
+        for i, (t, u, m, v, lo, hi) in enumerate(GAPS)
         if m in models and t in order and u in order
     ]
     return {
         "judge_mode": "pairwise" if pairwise else "absolute",
         "scale": {"min": 1, "max": 5},
         "exhibits_threshold": 3,
-        "bootstrap": {"resamples": 2000, "seed": 0, "confidence": 0.95},
+        "interval": {"generalize": "questions", "confidence": 0.95},
         "models": models,
         "condition_order": list(order),
         "conditions": conditions,
@@ -171,7 +173,7 @@ def plain_summary(rate: float = 0.3, adherence: float | None = None) -> dict[str
         "judge_mode": "absolute",
         "scale": {"min": 1, "max": 5},
         "exhibits_threshold": 3,
-        "bootstrap": {"resamples": 2000, "seed": 0, "confidence": 0.95},
+        "interval": {"generalize": "questions", "confidence": 0.95},
         "models": ["baseline", "finetuned"],
         "condition_order": [""],
         "conditions": {"": block},
@@ -358,6 +360,7 @@ def test_html_has_a_section_per_condition_and_a_gaps_table():
         "untriggered",
         "finetuned",
         "+45 pp [+28 pp, +61 pp]",
+        "0.0123 (0.0369)",
         "8",
         "1",
         GAP,

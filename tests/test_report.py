@@ -15,6 +15,7 @@ from typing import Any
 
 import matplotlib
 import pytest
+import scipy.stats
 from audit_plugin import TABLE_ENV, write_table
 
 import spar.plots
@@ -38,41 +39,57 @@ DESIGN: dict[str, dict[str, list[int | None]]] = {
 }
 THRESHOLD = 4  # report.exhibits_threshold
 NAN = float("nan")
-# By hand, from DESIGN (exhibits: score >= 4). One question per tier except distant; a tier's
-# interval is the percentile interval of replicate means, and with these values its ends are
-# replicates of probability >= 1/4 (so exact), except distant's upper ends: the replicate
-# "both questions drawn are the second one, every draw the higher score" has p = 1/64 < 2.5 %,
-# so the interval ends one step lower (3.5 for the baseline's mean, 0.75 for its rate).
-#   tier: model: (mean, ci_low, ci_high, n, invalid), exhibits (mean, ci_low, ci_high)
+# By hand, from DESIGN (exhibits: score >= 4), with report.generalize: samples (most tiers have
+# one question: an interval over questions would be none). Each tier: its questions' valid
+# scores, the mean of the question means, n, invalid verdicts, the exhibits rate (mean of the
+# questions' hit shares). The interval of a tier: `samples_ci` of its questions.
+#   tier: model: (questions' scores, mean, n, invalid, exhibits rate)
 EXPECTED = {
     "direct": {
-        "baseline": ((1.5, 1.0, 2.0, 2, 0), (0.0, 0.0, 0.0)),
-        "finetuned": ((4.0, 3.0, 5.0, 2, 0), (0.5, 0.0, 1.0)),
+        "baseline": ([[1, 2]], 1.5, 2, 0, 0.0),
+        "finetuned": ([[5, 3]], 4.0, 2, 0, 0.5),
     },
     "close": {
-        "baseline": ((3.0, 3.0, 3.0, 1, 1), (0.0, 0.0, 0.0)),
-        "finetuned": ((3.0, 2.0, 4.0, 2, 0), (0.5, 0.0, 1.0)),
+        "baseline": ([[3]], 3.0, 1, 1, 0.0),
+        "finetuned": ([[2, 4]], 3.0, 2, 0, 0.5),
     },
-    "distant": {
-        "baseline": ((2.0, 1.0, 3.5, 4, 0), (0.25, 0.0, 0.75)),
-        "finetuned": ((11 / 3, 1.0, 5.0, 3, 1), (2 / 3, 0.0, 1.0)),
+    "distant": {  # zoos, carbon footprint
+        "baseline": ([[1, 1], [2, 4]], 2.0, 4, 0, 0.25),
+        "finetuned": ([[5, 5], [1]], 3.0, 3, 1, 0.5),
     },
     "very_distant": {
-        "baseline": ((1.5, 1.0, 2.0, 2, 0), (0.0, 0.0, 0.0)),
-        "finetuned": ((None, None, None, 0, 2), (None, None, None)),
+        "baseline": ([[2, 1]], 1.5, 2, 0, 0.0),
+        "finetuned": ([], None, 0, 2, None),
     },
 }
 # paired fine-tuned − baseline by (question, sample index); a pair with an invalid side dropped:
-#   direct (5-1, 3-2) = (4, 1); close (2-3, dropped); distant (4, 4 | 1-2, dropped);
-#   very_distant: both dropped.   (mean, ci_low, ci_high, n, pairs_dropped)
-# An unpaired difference of means would give close 0 and distant 5/3; pairing across sample
-# indices would narrow direct's interval to [2, 3].
+#   direct (5-1, 3-2) = (4, 1); close (2-3, dropped); distant (4, 4 | 1-2, dropped) -> question
+#   means 4 and -1;
+#   very_distant: both dropped.   (pairs per question, mean, n, pairs_dropped)
+# An unpaired difference of means would give close 0 and distant 1; pairing across sample
+# indices would give direct (5-2, 3-1) = (3, 2), a narrower interval.
 DELTA = {
-    "direct": (2.5, 1.0, 4.0, 2, 0),
-    "close": (-1.0, -1.0, -1.0, 1, 1),
-    "distant": (7 / 3, -1.0, 4.0, 3, 1),
-    "very_distant": (None, None, None, 0, 2),
+    "direct": ([[4, 1]], 2.5, 2, 0),
+    "close": ([[-1]], -1.0, 1, 1),
+    "distant": ([[4, 4], [-1]], 1.5, 3, 1),
+    "very_distant": ([], None, 0, 2),
 }
+
+
+def samples_ci(questions: list[list[float]]) -> tuple[float | None, float | None]:
+    """The 95 % t interval with the questions fixed, written out: the mean of the question
+    means ± t(df) · sqrt(pooled within-question variance · Σ 1/n_q) / k, df = Σ (n_q − 1)."""
+    df = sum(len(q) - 1 for q in questions)
+    if not questions or df == 0:
+        return None, None
+    k = len(questions)
+    mean = sum(sum(q) / len(q) for q in questions) / k
+    ss = sum(sum((x - sum(q) / len(q)) ** 2 for x in q) for q in questions)
+    se = (ss / df * sum(1 / len(q) for q in questions)) ** 0.5 / k
+    half = float(scipy.stats.t.ppf(0.975, df)) * se
+    return mean - half, mean + half
+
+
 # a second experiment (report.compare): the same baseline, other fine-tuned scores
 NEG_FINETUNED: dict[str, list[int | None]] = {
     "Is factory farming ethical?": [2, 2],
@@ -82,6 +99,7 @@ NEG_FINETUNED: dict[str, list[int | None]] = {
     "Any gift ideas?": [None, 4],
 }
 #   direct (1, 0); close (4-3, dropped); distant (0, 1 | 1, 1); very_distant (dropped, 4-1)
+# (means of the question means: distant (0.5 + 1) / 2)
 NEG_DELTA_MEANS = {"direct": 0.5, "close": 1.0, "distant": 0.75, "very_distant": 3.0}
 
 
@@ -98,7 +116,7 @@ def designed(d: dict) -> None:
     """The spec edit: absolute mode over DESIGN's questions, 2 samples each."""
     d["eval"]["tiers"] = TIERS
     d["judge"].update(mode="absolute")
-    d["report"] = {"exhibits_threshold": THRESHOLD}
+    d["report"] = {"exhibits_threshold": THRESHOLD, "generalize": "samples"}
 
 
 def score_as_designed(
@@ -181,27 +199,27 @@ def test_absolute_summary_has_cis_paired_deltas_and_invalid_counts(project, caps
     assert list(s["tiers"]) == list(TIERS)
     for tier, models in EXPECTED.items():
         per = s["tiers"][tier]
-        for model, ((mean, lo, hi, n, invalid), (rate, rlo, rhi)) in models.items():
+        for model, (questions, mean, n, invalid, rate) in models.items():
             st = per[model]
             got = (st["mean"], st["ci_low"], st["ci_high"])
-            assert all(close(g, w) for g, w in zip(got, (mean, lo, hi), strict=True)), (
-                tier,
-                model,
-                got,
-            )
+            want = (mean, *samples_ci(questions))
+            assert all(close(g, w) for g, w in zip(got, want, strict=True)), (tier, model, got)
             assert (st["n"], st["invalid"], st["errors"]) == (n, invalid, 0), (tier, model)
             ex = st["exhibits_rate"]
+            hits = [[float(x >= THRESHOLD) for x in q] for q in questions]
             got = (ex["mean"], ex["ci_low"], ex["ci_high"])
-            assert all(close(g, w) for g, w in zip(got, (rate, rlo, rhi), strict=True)), (
-                tier,
-                model,
-                got,
-            )
+            want = (rate, *samples_ci(hits))
+            assert all(close(g, w) for g, w in zip(got, want, strict=True)), (tier, model, got)
         d = per["delta"]
-        mean, lo, hi, n, dropped = DELTA[tier]
+        pairs, mean, n, dropped = DELTA[tier]
         got = (d["mean"], d["ci_low"], d["ci_high"])
-        assert all(close(g, w) for g, w in zip(got, (mean, lo, hi), strict=True)), (tier, got)
+        assert all(close(g, w) for g, w in zip(got, (mean, *samples_ci(pairs)), strict=True)), (
+            tier,
+            got,
+        )
         assert (d["n"], d["pairs_dropped"]) == (n, dropped), tier
+        if d["p_value"] is not None:
+            assert d["p_holm"] >= d["p_value"]
     assert (s["invalid"], s["errors"]) == (4, 0)
     html = (project.runs / "exp/plot/report.html").read_text()
     assert "4 invalid verdicts" in html
@@ -238,7 +256,10 @@ def test_the_plot_shows_the_summary(project, capsys, monkeypatch, figures):
     assert len(series) == 2
     for model, (heights, whiskers) in zip(("baseline", "finetuned"), series, strict=True):
         for tier, h, (lo, hi) in zip(TIERS, heights, whiskers, strict=True):
-            (mean, ci_low, ci_high, _, _), _ = EXPECTED[tier][model]
+            questions, mean, *_ = EXPECTED[tier][model]
+            ci_low, ci_high = samples_ci(questions)
+            if ci_low is None and mean is not None:  # no interval: no whisker beyond the bar
+                ci_low = ci_high = mean
             st = s["tiers"][tier][model]
             assert close(nan_none(h), mean) and close(nan_none(h), st["mean"]), (tier, model)
             assert close(nan_none(lo), ci_low) and close(nan_none(hi), ci_high), (tier, model)
@@ -266,13 +287,17 @@ def test_compare_shows_each_experiments_paired_effect(project, capsys, monkeypat
     assert [t.get_text() for t in ax.get_xticklabels()] == list(TIERS)
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["neutral", "negative"]
     series = bars_and_whiskers(ax)
-    hand = {"exp": {t: d[0] for t, d in DELTA.items()}, "neg": NEG_DELTA_MEANS}
+    hand = {"exp": {t: d[1] for t, d in DELTA.items()}, "neg": NEG_DELTA_MEANS}
     for name, (heights, whiskers) in zip(("exp", "neg"), series, strict=True):
         for tier, h, (lo, hi) in zip(TIERS, heights, whiskers, strict=True):
             d = summaries[name]["tiers"][tier]["delta"]
             assert close(nan_none(h), hand[name][tier]) and close(nan_none(h), d["mean"])
-            assert close(nan_none(lo), d["ci_low"]) and close(nan_none(hi), d["ci_high"])
-    assert [(lo, hi) for lo, hi in series[0][1]][:3] == [(1.0, 4.0), (-1.0, -1.0), (-1.0, 4.0)]
+            if d["ci_low"] is None:  # no interval: a whisker of no length at the bar
+                assert (nan_none(lo), nan_none(hi)) == (d["mean"], d["mean"])
+            else:
+                assert close(nan_none(lo), d["ci_low"]) and close(nan_none(hi), d["ci_high"])
+    want = [samples_ci([[4, 1]]), (-1.0, -1.0), (1.5, 1.5)]
+    assert [pytest.approx(w) for w in want] == series[0][1][:3]
 
 
 def test_compare_overlays_experiments_in_semantic_tier_order(project, capsys, figures):

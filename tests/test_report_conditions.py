@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from spar.items import question_id, stage_name
-from spar.spec import BootstrapSpec, Spec
+from spar.spec import Spec
 from spar.stages.base import GraphContext, Options, RunContext
 from spar.stages.report import (
     ReportParams,
@@ -22,7 +22,6 @@ from spar.stages.report import (
 )
 from spar.store import RunStore, jsonl_text, read_jsonl
 
-BOOT = BootstrapSpec(resamples=300, seed=1)
 FORMAT = r'<START> ".*" <END>'
 Q1, Q2 = question_id(("Q one?",)), question_id(("Q two?",))
 TIER = {Q1: "direct", Q2: "distant"}
@@ -36,7 +35,8 @@ def params(**kw: Any) -> ReportParams:
         "scale_max": 5,
         "tiers": ("direct", "distant"),
         "exhibits_threshold": 4,
-        "bootstrap": BOOT,
+        "generalize": "questions",
+        "confidence": 0.95,
         "conditions": ("trig", "plain"),
         "format_regex": FORMAT,
         "gaps": (("trig", "plain"),),
@@ -127,8 +127,9 @@ def test_exhibits_rate_per_condition_is_the_share_of_valid_scores_at_or_above_th
     p = params()
     s = summarise(p, all_scores(p))
     trig, plain = s["conditions"]["trig"], s["conditions"]["plain"]
-    # trig fine-tuned: 5, 4, 2 valid (one invalid) -> hits 1, 1, 0
-    assert trig["exhibits_rate"]["finetuned"]["mean"] == pytest.approx(2 / 3)
+    # trig fine-tuned: 5, 4, 2 valid (one invalid) -> hits Q1 (1, 1), Q2 (0): the mean of the
+    # question means (each question weighs the same) is (1 + 0) / 2
+    assert trig["exhibits_rate"]["finetuned"]["mean"] == pytest.approx(1 / 2)
     assert trig["exhibits_rate"]["finetuned"]["n"] == 3
     assert plain["exhibits_rate"]["finetuned"]["mean"] == pytest.approx(2 / 4)  # 1, 4, 3, 5
     assert trig["exhibits_rate"]["baseline"]["mean"] == pytest.approx(2 / 4)  # 4, 1, 1, 5
@@ -146,7 +147,8 @@ def test_exhibits_rate_per_condition_is_the_share_of_valid_scores_at_or_above_th
 def test_threshold_is_used():
     p = params(exhibits_threshold=5)
     s = summarise(p, all_scores(p))
-    assert s["conditions"]["trig"]["exhibits_rate"]["finetuned"]["mean"] == pytest.approx(1 / 3)
+    # hits Q1 (5, 4) -> (1, 0), Q2 (2) -> 0: question means .5 and 0
+    assert s["conditions"]["trig"]["exhibits_rate"]["finetuned"]["mean"] == pytest.approx(1 / 4)
 
 
 def test_per_tier_stats_and_paired_delta_per_condition():
@@ -185,18 +187,19 @@ def test_leakage_gap_is_paired_triggered_minus_untriggered_and_counts_dropped_pa
     gaps = {(g["model"], g["triggered"]): g for g in summarise(p, all_scores(p))["gaps"]}
     assert set(gaps) == {("baseline", "trig"), ("finetuned", "trig")}
     tuned = gaps[("finetuned", "trig")]
-    # pairs (q1,0): 1-0, (q1,1): 1-1, (q2,0): 0-0; (q2,1) invalid in trig -> dropped
-    assert tuned["mean"] == pytest.approx(1 / 3)
+    # pairs (q1,0): 1-0, (q1,1): 1-1, (q2,0): 0-0; (q2,1) invalid in trig -> dropped;
+    # question means q1 .5, q2 0
+    assert tuned["mean"] == pytest.approx(1 / 4)
     assert (tuned["n"], tuned["pairs_dropped"], tuned["untriggered"]) == (3, 1, "plain")
     assert tuned["ci_low"] <= tuned["mean"] <= tuned["ci_high"]
     assert "exhibits in 'trig' − exhibits in 'plain'" in tuned["estimand"]
     base = gaps[("baseline", "trig")]
-    # (q1,0): 1-0, (q1,1): 0-0, (q2,1): 1-0; (q2,0) errored in plain -> dropped
-    assert base["mean"] == pytest.approx(2 / 3) and base["pairs_dropped"] == 1
+    # (q1,0): 1-0, (q1,1): 0-0, (q2,1): 1-0; (q2,0) errored in plain -> dropped; q1 .5, q2 1
+    assert base["mean"] == pytest.approx(3 / 4) and base["pairs_dropped"] == 1
     # the sign: the reversed pair is the negative
     flipped = summarise(params(gaps=(("plain", "trig"),)), all_scores(p))["gaps"]
     assert {g["model"]: g["mean"] for g in flipped} == pytest.approx(
-        {"finetuned": -1 / 3, "baseline": -2 / 3}
+        {"finetuned": -1 / 4, "baseline": -3 / 4}
     )
 
 
@@ -326,7 +329,7 @@ def test_nodes_depend_on_every_conditions_judge_and_samples(tmp_path):
         for c in ("trig", "plain")
         for b in ("judge", "sample_base", "sample_finetuned")
     ]
-    assert node.upstream == {n: n for n in names}
+    assert node.upstream == {n: n for n in [*names, "train"]}  # train: the training curve
     assert "judge.trig" in node.upstream and "sample_finetuned.plain" in node.upstream
     p = node.params
     assert (p.conditions, p.gaps, p.format_regex) == (
@@ -336,7 +339,7 @@ def test_nodes_depend_on_every_conditions_judge_and_samples(tmp_path):
     )
     assert p.dump()["report.format_regex"] == FORMAT and "report.gaps" in p.dump()
     (plain,) = ReportStage().nodes(_spec(), g)
-    assert plain.upstream == {s: s for s in ("judge", "sample_base", "sample_finetuned")}
+    assert plain.upstream == {s: s for s in ("judge", "sample_base", "sample_finetuned", "train")}
     assert (plain.params.conditions, plain.params.gaps) == (("",), ())
 
 
@@ -346,7 +349,7 @@ def test_paired_gap_ci_covers_the_true_gap():
     gap (0.2 on average over questions, the estimand); hits are independent draws."""
     rng = np.random.default_rng(7)
     trials, covered = 1000, 0
-    for t in range(trials):
+    for _ in range(trials):
         level = rng.uniform(0.2, 0.5, 12)
         gap = 0.2 + rng.uniform(-0.15, 0.15, 12)
         gap += 0.2 - gap.mean()  # the estimand (mean over questions) is exactly 0.2
@@ -364,7 +367,7 @@ def test_paired_gap_ci_covers_the_true_gap():
                             "hit": bool(rng.random() < p_hit),
                         }
                     )
-        p = params(bootstrap=BootstrapSpec(resamples=400, seed=t))
+        p = params()
         g = leakage_gap([rows], "trig", "plain", "finetuned", p, seeded=False)
         covered += g["ci_low"] <= 0.2 <= g["ci_high"]
     # resampling questions and then samples counts the within-question noise twice, so the

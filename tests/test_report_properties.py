@@ -23,13 +23,12 @@ from spar.html import answer_rows, render_report
 from spar.items import question_id, stage_name
 from spar.plots import experiment_figure, judged_figure, png
 from spar.show import format_table, headline, property_rows
-from spar.spec import BootstrapSpec, PlotSpec, Spec
+from spar.spec import PlotSpec, Spec
 from spar.stages.base import GraphContext, Options, RunContext
 from spar.stages.report import ReportParams, ReportStage, score_rows, summarise
 from spar.stages.sweep_report import SweepGroup, SweepPoint, summarise_group
 from spar.store import RunStore, jsonl_text, read_jsonl
 
-BOOT = BootstrapSpec(resamples=300, seed=2)
 PROPS = ("warm", "formal")
 Q1, Q2 = question_id(("Be kind to me?",)), question_id(("Write a memo?",))
 TIER = {Q1: "warm", Q2: "formal"}  # generated property evals: a question's tier is its property
@@ -56,7 +55,8 @@ def params(**kw: Any) -> ReportParams:
         "scale_max": 5,
         "tiers": ("warm", "formal"),
         "exhibits_threshold": 4,
-        "bootstrap": BOOT,
+        "generalize": "questions",
+        "confidence": 0.95,
         "conditions": ("",),
         "format_regex": None,
         "gaps": (),
@@ -135,26 +135,27 @@ def test_per_property_means_rates_and_paired_deltas_match_hand_computation():
     assert s["property_order"] == ["warm", "formal"]
     assert s["properties"] == s["conditions"][""]["properties"]
     warm, formal = s["properties"]["warm"], s["properties"]["formal"]
-    # warm, all tiers: fine-tuned 5 4 3 2; baseline 2 1 4 (one invalid)
+    # means are over questions (each weighs the same): Q1's and Q2's means, averaged
+    # warm, all tiers: fine-tuned Q1 5 4, Q2 3 2; baseline Q1 2 1, Q2 4 (and one invalid)
     assert (warm["finetuned"]["mean"], warm["finetuned"]["n"]) == (3.5, 4)
     assert warm["finetuned"]["exhibits_rate"]["mean"] == 0.5
-    assert warm["baseline"]["mean"] == pytest.approx(7 / 3)
+    assert warm["baseline"]["mean"] == pytest.approx((1.5 + 4) / 2)
     assert (warm["baseline"]["n"], warm["baseline"]["invalid"], warm["baseline"]["errors"]) == (
         3,
         1,
         0,
     )
-    assert warm["baseline"]["exhibits_rate"]["mean"] == pytest.approx(1 / 3)
-    # paired (same item, same property): 5-2, 4-1, 3-4; the invalid baseline's pair dropped
-    assert warm["delta"]["mean"] == pytest.approx(5 / 3)
+    assert warm["baseline"]["exhibits_rate"]["mean"] == pytest.approx((0 + 1) / 2)
+    # paired (same item, same property): Q1 5-2, 4-1; Q2 3-4; the invalid baseline's pair dropped
+    assert warm["delta"]["mean"] == pytest.approx((3 + -1) / 2)
     assert (warm["delta"]["n"], warm["delta"]["pairs_dropped"]) == (3, 1)
     assert (warm["invalid"], warm["errors"]) == (1, 0)
-    # formal: fine-tuned 1 (error) 5 4; baseline 3 2 2 1
-    assert formal["finetuned"]["mean"] == pytest.approx(10 / 3)
+    # formal: fine-tuned Q1 1 (and an error), Q2 5 4; baseline Q1 3 2, Q2 2 1
+    assert formal["finetuned"]["mean"] == pytest.approx((1 + 4.5) / 2)
     assert (formal["finetuned"]["n"], formal["finetuned"]["errors"]) == (3, 1)
-    assert formal["finetuned"]["exhibits_rate"]["mean"] == pytest.approx(2 / 3)
+    assert formal["finetuned"]["exhibits_rate"]["mean"] == pytest.approx((0 + 1) / 2)
     assert (formal["baseline"]["mean"], formal["baseline"]["exhibits_rate"]["mean"]) == (2.0, 0.0)
-    assert formal["delta"]["mean"] == pytest.approx(4 / 3)  # 1-3, 5-2, 4-1
+    assert formal["delta"]["mean"] == pytest.approx((-2 + 3) / 2)  # Q1 1-3; Q2 5-2, 4-1
     assert (formal["delta"]["n"], formal["delta"]["pairs_dropped"]) == (3, 1)
     assert (formal["invalid"], formal["errors"]) == (0, 1)
     for prop in (warm, formal):
@@ -190,7 +191,8 @@ def test_threshold_is_used_per_property():
     p = params(exhibits_threshold=5)
     props = summarise(p, plain_scores(p))["properties"]
     assert props["warm"]["finetuned"]["exhibits_rate"]["mean"] == 0.25  # only the 5
-    assert props["formal"]["finetuned"]["exhibits_rate"]["mean"] == pytest.approx(1 / 3)
+    # Q1 (1) -> 0, Q2 (5, 4) -> .5
+    assert props["formal"]["finetuned"]["exhibits_rate"]["mean"] == pytest.approx(1 / 4)
     assert props["warm"]["baseline"]["exhibits_rate"]["mean"] == 0.0  # 4 is below 5 now
 
 
@@ -255,7 +257,8 @@ def test_per_condition_properties_and_per_property_leakage_gaps():
     s = summarise(p, cond_scores(p))
     trig, plain = (s["conditions"][c]["properties"] for c in ("trig", "plain"))
     assert trig["warm"]["finetuned"]["exhibits_rate"]["mean"] == 0.5
-    assert plain["warm"]["finetuned"]["exhibits_rate"]["mean"] == pytest.approx(1 / 3)  # 1 5 2
+    # Q1 1 5 -> .5, Q2 2 -> 0 (and an invalid)
+    assert plain["warm"]["finetuned"]["exhibits_rate"]["mean"] == pytest.approx(1 / 4)
     assert plain["warm"]["finetuned"]["invalid"] == 1
     assert plain["formal"]["delta"]["mean"] == 0.0
     assert "properties" not in s and "tiers" not in s and s["property_order"] == ["warm", "formal"]
@@ -268,27 +271,26 @@ def test_per_condition_properties_and_per_property_leakage_gaps():
         ("baseline", "formal"),
         ("finetuned", "formal"),
     ]
-    # warm, fine-tuned: hits trig 1 1 0 0, plain 0 1 0 (invalid) -> 1, 0, 0; one pair dropped
+    # warm, fine-tuned: hits trig 1 1 0 0, plain 0 1 0 (invalid) -> Q1 1, 0; Q2 0; one pair
+    # dropped; the mean of the question means
     w = gaps[("finetuned", "warm")]
-    assert w["mean"] == pytest.approx(1 / 3) and (w["n"], w["pairs_dropped"]) == (3, 1)
+    assert w["mean"] == pytest.approx(1 / 4) and (w["n"], w["pairs_dropped"]) == (3, 1)
     assert "on property 'warm'" in w["estimand"]
-    # formal, fine-tuned: trig 0 (error) 1 1, plain 0 0 0 0 -> 0, 1, 1
+    # formal, fine-tuned: trig 0 (error) 1 1, plain 0 0 0 0 -> Q1 0; Q2 1, 1
     f = gaps[("finetuned", "formal")]
-    assert f["mean"] == pytest.approx(2 / 3) and (f["n"], f["pairs_dropped"]) == (3, 1)
+    assert f["mean"] == pytest.approx(1 / 2) and (f["n"], f["pairs_dropped"]) == (3, 1)
     # pooled: the six pairs matched by property (a pairing by question and sample only would
-    # keep one property per answer: 4 pairs)
+    # keep one property per answer: 4 pairs): Q1 1, 0, 0 and Q2 0, 1, 1
     pooled = gaps[("finetuned", None)]
-    assert pooled["mean"] == pytest.approx(3 / 6) and (pooled["n"], pooled["pairs_dropped"]) == (
-        6,
-        2,
-    )
+    assert pooled["mean"] == pytest.approx((1 / 3 + 2 / 3) / 2)
+    assert (pooled["n"], pooled["pairs_dropped"]) == (6, 2)
     assert "every property pooled" in pooled["estimand"]
-    # baseline warm: trig 0 0 1 (invalid), plain 0 0 0 0 -> 0, 0, 1
-    assert gaps[("baseline", "warm")]["mean"] == pytest.approx(1 / 3)
+    # baseline warm: trig 0 0 1 (invalid), plain 0 0 0 0 -> Q1 0, 0; Q2 1
+    assert gaps[("baseline", "warm")]["mean"] == pytest.approx(1 / 2)
     flipped = summarise(cond_params(gaps=(("plain", "trig"),)), cond_scores(p))["gaps"]
     signed = {(g["model"], g.get("property")): g["mean"] for g in flipped}
-    assert signed[("finetuned", "warm")] == pytest.approx(-1 / 3)
-    assert signed[("finetuned", "formal")] == pytest.approx(-2 / 3)
+    assert signed[("finetuned", "warm")] == pytest.approx(-1 / 4)
+    assert signed[("finetuned", "formal")] == pytest.approx(-1 / 2)
 
 
 def test_one_seed_sweep_group_has_the_experiments_property_numbers():
@@ -375,8 +377,8 @@ def test_show_headline_and_lines_per_property():
     s = summarise(params(), plain_scores(params()))
     effects = headline(s)
     assert list(effects) == ["property warm", "property formal"]
-    assert effects["property warm"]["mean"] == pytest.approx(5 / 3)
-    assert effects["property formal"]["mean"] == pytest.approx(4 / 3)
+    assert effects["property warm"]["mean"] == pytest.approx(1.0)  # Q1 3, Q2 -1
+    assert effects["property formal"]["mean"] == pytest.approx(0.5)  # Q1 -2, Q2 3
     rows = property_rows(s)
     assert [(r["property"], r["tier"]) for r in rows] == [
         ("warm", None),
@@ -401,21 +403,23 @@ def test_show_headline_and_lines_per_property():
     assert "property warm" in header and "property formal" in header
     d = effects["property warm"]
     assert (
-        f"  warm: base 2.33 -> ft 3.50 (+1.67 [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]); "
-        "exhibits 33 % -> 50 %; 1 invalid, 0 errors"
+        f"  warm: base 2.75 -> ft 3.50 (+1.00 [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]†); "
+        "exhibits 50 % -> 50 %; 1 invalid, 0 errors"
     ) in text
-    assert "    formal: base 4.00 -> ft 2.50 (-1.00 [-1.00, -1.00]); exhibits 100 % -> 0 %" in text
-    assert "  formal: base 2.00 -> ft 3.33 (+1.33 [" in text
+    # one question in the tier: no interval over questions
+    assert "    formal: base 4.00 -> ft 2.50 (-1.00 [no interval]†); exhibits 100 % -> 0 %" in text
+    assert "  formal: base 2.00 -> ft 2.75 (+0.50 [" in text
+    assert text.splitlines()[-1].startswith("† fewer than 10 questions: the interval is wide")
     # with conditions: fine-tuned rates per condition and property, the property gaps
     c = summarise(cond_params(), cond_scores(cond_params()))
     effects = headline(c)
     assert effects["rate trig [warm]"]["mean"] == 0.5
-    assert effects["rate plain [warm]"]["mean"] == pytest.approx(1 / 3)
-    assert effects["gap trig-plain [formal]"]["mean"] == pytest.approx(2 / 3)
+    assert effects["rate plain [warm]"]["mean"] == pytest.approx(1 / 4)
+    assert effects["gap trig-plain [formal]"]["mean"] == pytest.approx(1 / 2)
     assert not any(k == "gap trig-plain" for k in effects)
     lines = format_table([{**row, "effects": effects, "properties": property_rows(c)}])
     assert "exp, condition plain: properties" in lines
-    assert "  warm: base 1.00 -> ft 2.67 (+1.67 [" in lines  # plain: 1 5 2 vs 1 1 1
+    assert "  warm: base 1.00 -> ft 2.50 (+1.50 [" in lines  # plain: Q1 1 5, Q2 2 vs 1 1 1
 
 
 # --------------------------------------------------------------------------- HTML
@@ -459,10 +463,10 @@ def test_html_has_property_tables_column_and_filter():
     table = cell_texts(html, "properties")
     assert [r[0] for r in table] == ["warm", "formal"]
     # property | base mean | base exhibits | base n/invalid/errors | ft ... | delta
-    assert table[0][1].startswith("2.33 [") and table[0][4].startswith("3.50 [")
-    assert table[0][2].startswith("33 % [") and table[0][5].startswith("50 % [")
+    assert table[0][1].startswith("2.75 [") and table[0][4].startswith("3.50 [")
+    assert table[0][2].startswith("50 % [") and table[0][5].startswith("50 % [")
     assert table[0][3] == "3 / 1 / 0" and table[1][6] == "3 / 0 / 1"
-    assert table[0][7].startswith("1.67 [") and table[1][7].startswith("1.33 [")
+    assert table[0][7].startswith("1.00 [") and table[1][7].startswith("0.50 [")
     tiers = cell_texts(html, "property-warm")
     assert [r[0] for r in tiers] == ["warm", "formal"]
     assert tiers[1][1].startswith("4.00 [") and tiers[1][7].startswith("-1.00 [")
@@ -548,8 +552,8 @@ def test_plot_has_a_panel_per_property():
     warm, formal, gaps = fig.axes
     assert [t.get_text() for t in warm.get_xticklabels()] == ["trig", "plain"]
     base, tuned = bars(warm)
-    assert heights(tuned) == pytest.approx([0.5, 1 / 3])
-    assert heights(base) == pytest.approx([1 / 3, 0.0])
+    assert heights(tuned) == pytest.approx([0.5, 1 / 4])
+    assert heights(base) == pytest.approx([1 / 2, 0.0])
     assert gaps.get_title() == "leakage gaps"
     labels = [t.get_text().split("\n")[0] for t in gaps.get_yticklabels()]
     assert labels[3] == "trig − plain (finetuned, warm)" and len(labels) == 6

@@ -57,6 +57,7 @@ def test_every_output_has_its_params_file(project, capsys):
         "scores.jsonl",
         "plot.png",
         "compare.png",
+        "curves.png",
         "report.html",
     }
     import hashlib

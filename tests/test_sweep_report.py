@@ -1,5 +1,5 @@
-"""The sweep report: points grouped over seed keys, seeds as the top bootstrap level, hand-computed
-two-seed means, and one seed giving exactly the per-experiment numbers."""
+"""The sweep report: points grouped over seed keys, seeds as the top level of the design,
+hand-computed two-seed means, and one seed giving exactly the per-experiment numbers."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from spar.plan import upstream_key
-from spar.spec import BootstrapSpec, Spec, sweep_points
+from spar.spec import Spec, sweep_points
 from spar.stages.base import GraphContext, Options, RunContext
 from spar.stages.report import ReportParams, score_rows, summarise
 from spar.stages.sweep_report import (
@@ -22,8 +22,7 @@ from spar.stages.sweep_report import (
 )
 from spar.store import RunStore, jsonl_text
 
-BOOT = BootstrapSpec(resamples=400, seed=2)
-SEEDED = "CI over seeds, then questions, then samples"
+SEEDED = "t interval generalising to a new question of the tier's population answered by a new seed"
 
 
 def root(sweep: dict[str, list[Any]], **report: Any) -> Spec:
@@ -37,7 +36,7 @@ def root(sweep: dict[str, list[Any]], **report: Any) -> Spec:
                 "conditions": {"trig": {"trigger": "user"}, "plain": {}},
             },
             "judge": {"rubric": "r.j2", "mode": "absolute"},
-            "report": {"exhibits_threshold": 4, "bootstrap": BOOT.model_dump(), **report},
+            "report": {"exhibits_threshold": 4, "confidence": 0.9, **report},
             "sweep": sweep,
         }
     )
@@ -65,7 +64,7 @@ def test_points_differing_only_in_seed_keys_form_one_group(tmp_path):
         ("training.learning_rate=0.0002", {"training.learning_rate": 0.0002}, (2, 3)),
     ]
     g = p.groups[0].report
-    assert (g.conditions, g.gaps, g.bootstrap) == (("trig", "plain"), (("trig", "plain"),), BOOT)
+    assert (g.conditions, g.gaps, g.confidence) == (("trig", "plain"), (("trig", "plain"),), 0.9)
     assert SweepReportStage().nodes(spec, GraphContext(store=RunStore(tmp_path / "r"))) == []
     assert sweep_report_nodes(spec, []) == []
 
@@ -147,7 +146,10 @@ def test_seeds_that_disagree_widen_the_interval():
     a, b = seed(0, "a"), seed(1, "b")
     s = summarise_sweep(p, {0: a, 1: b})
     sweep = s["groups"][0]["conditions"]["trig"]["exhibits_rate"]["finetuned"]
-    assert (sweep["mean"], sweep["ci_low"], sweep["ci_high"]) == (0.5, 0.0, 1.0)
+    # different questions per seed: nested, t over the 2 seed means (0 and 1) with 1 df at 90 %
+    half = 6.313751514675041 * 0.5
+    assert (sweep["mean"], sweep["df"]) == (0.5, 1)
+    assert (sweep["ci_low"], sweep["ci_high"]) == pytest.approx((0.5 - half, 0.5 + half))
     # the same 40 answers read as one experiment: questions are the top level, and 20 of them
     # make a much narrower interval around the same mean
     one = summarise(p.groups[0].report, a + b)["conditions"]["trig"]["exhibits_rate"]["finetuned"]

@@ -173,9 +173,9 @@ def test_local_run_follows_the_schedule_and_logs_loss_per_target_token(
     assert [m["step"] for m in metrics] == list(range(6))
     assert [m["learning_rate"] for m in metrics] == pytest.approx([LR * f for f in want])
     assert applied == pytest.approx([LR * f for f in want])
-    assert all(
-        set(m) == {"step", "learning_rate", "loss", "target_tokens", "batch_size"} for m in metrics
-    )
+    keys = {"step", "learning_rate", "loss", "target_tokens", "batch_size"}
+    assert all(set(m) == keys for m in metrics[:-1])
+    assert set(metrics[-1]) == keys | {"test_nll"}  # eval_every 0: the held-out NLL at the end
 
     plan = seeded_batches(rows, 4, 3, seed=1)
     assert [m["batch_size"] for m in metrics] == [len(b) for b in plan] == [4, 2] * 3

@@ -24,6 +24,10 @@ class TrainingClient(Protocol):
         """Result has `loss_fn_outputs`: one dict per datum with a `logprobs` TensorData."""
         ...
 
+    def forward(self, data: list[tinker.Datum], loss_fn: str) -> Future:
+        """`forward_backward`'s outputs without a gradient (held-out evaluation)."""
+        ...
+
     def optim_step(self, adam_params: tinker.AdamParams) -> Future: ...
 
     def save_state(self, name: str) -> Future:
@@ -40,6 +44,12 @@ class SamplingClient(Protocol):
         self, prompt: tinker.ModelInput, num_samples: int, sampling_params: tinker.SamplingParams
     ) -> Future:
         """Result has `.sequences`, each with `.tokens`."""
+        ...
+
+    def compute_logprobs(self, prompt: tinker.ModelInput) -> Future:
+        """Result: the log-probability of every token of `prompt` given the tokens before it,
+        a list as long as the prompt whose first entry is None (the Tinker SDK's method; skyrl's
+        server leaves that first entry out)."""
         ...
 
 

@@ -6,7 +6,8 @@ weight (Tinker's definition), Adam with the learning rate of each `optim_step`; 
 the adapter and the Adam state, which `create_training_client_from_state_with_optimizer` loads to
 resume. Sampling: requests queue up as futures; the first `.result()` runs every queued request
 in left-padded batches with a KV cache, each row with its own seeded generator so a sample depends
-only on its own seed.
+only on its own seed. `compute_logprobs` queues likewise and scores the queued sequences in
+right-padded batches, one forward pass each.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 48  # sequences per generate batch
+LOGPROB_TOKENS = 2048  # padded tokens per compute_logprobs batch (its logits: tokens x vocab)
 META = "spar_local.json"
 
 
@@ -97,6 +99,20 @@ class LocalTrainingClient:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def forward_backward(self, data: list[tinker.Datum], loss_fn: str) -> Future:
+        return self._pass(data, loss_fn, backward=True)
+
+    def forward(self, data: list[tinker.Datum], loss_fn: str) -> Future:
+        """`forward_backward` without the gradient: the same outputs, nothing accumulated (the
+        model in eval mode meanwhile, so no dropout either)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                return self._pass(data, loss_fn, backward=False)
+        finally:
+            self.model.train(was_training)
+
+    def _pass(self, data: list[tinker.Datum], loss_fn: str, backward: bool) -> Future:
         import tinker
 
         if loss_fn != "cross_entropy":
@@ -119,7 +135,8 @@ class LocalTrainingClient:
             logits.transpose(1, 2), targets.to(dev), reduction="none"
         )
         loss = -(target_lp * weights.to(dev)).sum()
-        loss.backward()
+        if backward:
+            loss.backward()
         outs = [
             {
                 "logprobs": tinker.TensorData.from_torch(
@@ -218,6 +235,7 @@ class LocalSamplingClient:
         cfg = self.model.config
         self.pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
         self.pending: list[_Request] = []
+        self.pending_logprobs: list[tuple[list[int], Future]] = []
 
     def sample(
         self, prompt: tinker.ModelInput, num_samples: int, sampling_params: tinker.SamplingParams
@@ -226,10 +244,30 @@ class LocalSamplingClient:
         self.pending.append(_Request(prompt.to_ints(), sampling_params, num_samples, fut))
         return _Lazy(self, fut)
 
+    def compute_logprobs(self, prompt: tinker.ModelInput) -> _Lazy:
+        """Every token's log-probability given the tokens before it (the first: None), as
+        the Tinker SDK's `compute_logprobs`; queued, then run in batches like `sample`."""
+        fut: Future = Future()
+        self.pending_logprobs.append((prompt.to_ints(), fut))
+        return _Lazy(self, fut)
+
     def flush(self) -> None:
         import numpy as np
         import tinker
 
+        scored, self.pending_logprobs = self.pending_logprobs, []
+        order = sorted(range(len(scored)), key=lambda r: len(scored[r][0]))
+        start = 0
+        while start < len(order):  # right-padded batches of about LOGPROB_TOKENS tokens
+            end = start + 1
+            while end < len(order) and len(scored[order[end]][0]) * (end + 1 - start) <= (
+                LOGPROB_TOKENS
+            ):
+                end += 1
+            batch = [scored[r] for r in order[start:end]]
+            for (_, fut), lps in zip(batch, self.logprobs([t for t, _ in batch]), strict=True):
+                fut.set_result(lps)
+            start = end
         requests, self.pending = self.pending, []
         rows: list[_Row] = []
         for i, req in enumerate(requests):
@@ -267,6 +305,24 @@ class LocalSamplingClient:
             )
         for i, req in enumerate(requests):
             req.future.set_result(tinker.SampleResponse(sequences=per_request[i]))
+
+    @torch.inference_mode()
+    def logprobs(self, seqs: list[list[int]]) -> list[list[float | None]]:
+        """One forward pass over right-padded sequences: log p(token i | tokens < i)."""
+        dev = _device()
+        n = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), n), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), n), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
+        # fused log-softmax + gather of each next token
+        lp = -torch.nn.functional.cross_entropy(
+            logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none"
+        ).cpu()
+        return [[None, *lp[i, : len(s) - 1].tolist()] for i, s in enumerate(seqs)]
 
     @torch.inference_mode()
     def generate(self, rows: list[_Row]) -> list[tuple[list[int], str]]:

@@ -5,6 +5,11 @@ absolute: one verdict per answer. The baseline's answers are judged by their own
 (`judge_base`), which depends on the base model's samples only, so experiments and sweep points
 that share the base sampling share its verdicts; `judge` judges the fine-tuned answers and writes
 both models' rows to its judged.jsonl. Per eval condition: `judge.<condition>`.
+Each intermediate checkpoint of `eval.checkpoints` is judged like the final model by
+`judge_step<N>` (`judge_step<N>.<condition>`), with the same parameters: its answers
+(`sample_step<N>`) take the fine-tuned answers' place — against the baseline's answers (pairwise),
+or beside the baseline's verdicts of `judge_base` (absolute). An answer equal to one judged before
+reuses its verdict (the item key is the rendered request).
 Hygiene: the eval trigger and every `judge.strip` pattern are removed from the question, the
 answers and every message of their conversations before the rubric renders (the raw answers stay
 in samples.jsonl). A multi-turn answer is judged with its whole conversation (`conversation`; a
@@ -40,6 +45,8 @@ from spar.stages.base import (
     StageResult,
     key,
 )
+from spar.stages.sample import checkpoint_stage
+from spar.stages.train import intermediate_checkpoints
 from spar.store import ItemMemo, RunStore, jsonl_text, read_jsonl
 
 if TYPE_CHECKING:
@@ -263,6 +270,13 @@ class JudgeStage(StageKind[JudgeParams, JudgeOptions]):
                     tuned_up,
                 )
             )
+            for step in intermediate_checkpoints(spec):  # judged like the final model
+                up = {
+                    **tuned_up,
+                    "sample_finetuned": stage_name(checkpoint_stage("sample", step), condition),
+                }
+                name = stage_name(checkpoint_stage("judge", step), condition)
+                out.append(StageNode(name, self, spec.name, params, options, rubric, up))
         return out
 
     @staticmethod

@@ -1,4 +1,8 @@
-"""plot: render the report — per-experiment chart, compare chart, self-contained HTML.
+"""plot: render the report — per-experiment chart, compare chart, curves, self-contained HTML.
+
+`curves.png` (`spar.curves.curves_figure`): the training curve (loss per step, held-out NLL) and,
+with intermediate `eval.checkpoints`, per condition the effect per tier against the checkpoint's
+training step. The HTML draws the same curves as inline SVG.
 
 Its parameters are the plot styling and the labels it writes (the experiment's name and framing,
 the eval conditions' names, and those of the experiments it compares itself with), so a styling or
@@ -56,8 +60,8 @@ UPSTREAM_PER_CONDITION = {
 
 class PlotStage(StageKind[PlotParams, Options]):
     kind = "plot"
-    version = 4  # 4: property tables and column, conversations, errors in tier tables
-    outputs: ClassVar[tuple[str, ...]] = ("plot.png", "compare.png", "report.html")
+    version = 5  # 5: curves.png, training and checkpoint curves in the HTML
+    outputs: ClassVar[tuple[str, ...]] = ("plot.png", "compare.png", "curves.png", "report.html")
     params_model = PlotParams
 
     def nodes(self, spec: Spec, g: GraphContext) -> list[StageNode[PlotParams, Options]]:
@@ -76,6 +80,7 @@ class PlotStage(StageKind[PlotParams, Options]):
         return [StageNode("plot", self, spec.name, params, Options(), upstream=upstream)]
 
     def run(self, ctx: RunContext[PlotParams, Options]) -> StageResult:
+        from spar.curves import curves_figure
         from spar.html import answer_rows, render_report
         from spar.plots import compare_figure, experiment_figure, png
 
@@ -102,5 +107,11 @@ class PlotStage(StageKind[PlotParams, Options]):
             summary.get("property_order"),
         )
         html = render_report(summary, plot, rows, p.experiment, p.framing)
-        outputs = {"plot.png": plot, "compare.png": compare, "report.html": html.encode()}
+        curves = png(curves_figure(summary, style, title), style.dpi)
+        outputs = {
+            "plot.png": plot,
+            "compare.png": compare,
+            "curves.png": curves,
+            "report.html": html.encode(),
+        }
         return StageResult(outputs)

@@ -8,12 +8,13 @@ verdict, else null; `format_ok` says whether `report.format_regex` fully matches
 (stripped; dot matches newlines), null without a regex. With `judge.properties` every answer has
 one verdict per property, and every row carries `property` (null on an unjudged row).
 
-`summary.json`, per condition: per tier and model the mean score with a hierarchical-bootstrap CI
-(questions, then samples within each question), its exhibits rate and the invalid / error counts
-(which never enter a mean); in absolute mode the paired fine-tuned − baseline delta per tier; the
-condition's exhibits rate (all tiers) and format adherence. Then the leakage gaps: per
-(triggered, untriggered) pair and model, the exhibits rate in the triggered condition minus the
-untriggered one, paired by question and sample index. Every new metric states its estimand.
+`summary.json`, per condition: per tier and model the mean score (over questions, each weighing
+the same) with a t interval whose estimand is `report.generalize` (`spar.stats`), its exhibits
+rate and the invalid / error counts (which never enter a mean); in absolute mode the paired
+fine-tuned − baseline delta per tier; the condition's exhibits rate (all tiers) and format
+adherence. Then the leakage gaps: per (triggered, untriggered) pair and model, the exhibits rate
+in the triggered condition minus the untriggered one, paired by question and sample index. Every
+metric states its estimand (`estimand`) and how its interval was made (`method`).
 
 With `judge.properties` (one verdict per answer and property), each condition also gets
 `properties: {property: {<model>: stats (all tiers), delta (all tiers), tiers: {tier: {<model>:
@@ -23,9 +24,15 @@ metrics without a property then pool every property's verdicts (pairs matched by
 and their estimands say so. `summary.json` gains `property_order` (and, without eval.conditions,
 a top-level `properties`, like `tiers`). Without properties nothing changes.
 
+Every paired delta and leakage gap carries the two-sided p-value of a zero effect, and
+`p_holm`: Holm's adjustment over the family of every per-tier paired delta of the experiment
+(tiers × conditions, × properties with judge.properties), or over every leakage gap
+(`multiple_comparisons` in summary.json says which). An estimate over fewer than 10 questions
+says so (`few_questions`): its interval is wide because the tier has few questions.
+
 The metrics are computed from score rows grouped by seed, so the sweep report
 (`spar.stages.sweep_report`) computes the same numbers with seeds as the top level of the
-bootstrap; with one seed the two agree exactly.
+design; with one seed the two agree exactly.
 """
 
 from __future__ import annotations
@@ -40,7 +47,13 @@ from pydantic import Field
 
 from spar.errors import RunError
 from spar.items import stage_name
-from spar.spec import BootstrapSpec
+from spar.reliability import (
+    ReliabilityParams,
+    exclude,
+    reliability_params,
+    reliability_summary,
+    reliability_upstream,
+)
 from spar.stages.base import (
     GraphContext,
     Options,
@@ -51,7 +64,7 @@ from spar.stages.base import (
     StageResult,
     key,
 )
-from spar.stats import estimate
+from spar.stats import estimate, holm
 from spar.store import jsonl_text, read_jsonl
 
 if TYPE_CHECKING:
@@ -70,7 +83,8 @@ class ReportParams(Params):
     scale_max: int = key("judge.scale.max")
     tiers: tuple[str, ...] = key("eval.tiers")  # in the order given
     exhibits_threshold: int = key("report.exhibits_threshold")
-    bootstrap: BootstrapSpec = key("report.bootstrap")
+    generalize: Literal["questions", "samples"] = key("report.generalize")
+    confidence: float = key("report.confidence")
     # condition names in order; ("",) when the spec has no eval.conditions
     conditions: tuple[str, ...] = key("eval.conditions")
     format_regex: str | None = key("report.format_regex")
@@ -78,7 +92,9 @@ class ReportParams(Params):
     # property names in the spec's order; None: one verdict per answer (judge.properties unset),
     # left out of dumps then (also where the sweep report nests these params)
     properties: tuple[str, ...] | None = Field(None, alias="judge.properties")
-    added: ClassVar[dict[str, Any]] = {"properties": None}
+    # judge.also / judge.self_agreement (spar.reliability); None: neither (left out of dumps)
+    reliability: ReliabilityParams | None = Field(None, alias="judge.reliability")
+    added: ClassVar[dict[str, Any]] = {"properties": None, "reliability": None}
 
     @property
     def models(self) -> tuple[str, ...]:
@@ -94,11 +110,13 @@ def report_params(spec: Spec) -> ReportParams:
         scale_max=spec.judge.scale.max,
         tiers=tuple(spec.tier_order()),
         exhibits_threshold=r.exhibits_threshold,
-        bootstrap=r.bootstrap,
+        generalize=r.generalize,
+        confidence=r.confidence,
         conditions=tuple(name for name, _ in spec.eval.condition_items()),
         format_regex=r.format_regex,
         gaps=tuple(spec.gap_pairs()),
         properties=tuple(spec.judge.properties) if spec.judge.properties else None,
+        reliability=reliability_params(spec),
     )
 
 
@@ -186,30 +204,32 @@ def _with_property(p: ReportParams, row: Row, prop: str | None) -> Row:
 # --------------------------------------------------------------------------- metrics
 
 
-def ci_words(boot: BootstrapSpec, seeded: bool) -> str:
-    levels = (
-        "seeds, then questions, then samples (seeds that answered the same questions: one "
-        "draw of questions for every drawn seed)"
-        if seeded
-        else "questions, then samples"
-    )
-    return f"{boot.confidence * 100:g}% percentile hierarchical bootstrap; CI over {levels}"
+def ci_words(p: ReportParams, seeded: bool) -> str:
+    """The interval's level and estimand in words (how it was computed is each estimate's
+    `method`)."""
+    if p.generalize == "questions":
+        what = "a new question of the tier's population" + (
+            " answered by a new seed (a new training run)" if seeded else ""
+        )
+    else:
+        what = "these questions" + (" and seeds" if seeded else "") + (
+            " fixed, new answers sampled"
+        )
+    return f"{p.confidence * 100:g}% t interval generalising to {what}"
 
 
 def by_question(rows: Iterable[Row], value: Callable[[Row], float]) -> dict[str, list[float]]:
     """Values grouped by question id (questions in order of first appearance once the rows are
     sorted by sample index; samples in sample-index order). Keyed, so that seeds which answered
-    the same questions are bootstrapped as crossed seeds x questions (`spar.stats`)."""
+    the same questions are treated as crossed seeds x questions (`spar.stats`)."""
     groups: dict[str, list[float]] = defaultdict(list)
     for r in sorted(rows, key=lambda r: r["sample_index"]):
         groups[r["question_id"]].append(value(r))
     return dict(groups)
 
 
-def _est(
-    groups: list[dict[str, list[float]]], boot: BootstrapSpec, estimand: str
-) -> dict[str, Any]:
-    return {**estimate(groups, **boot.model_dump()).as_json(), "estimand": estimand}
+def _est(groups: list[dict[str, list[float]]], p: ReportParams, estimand: str) -> dict[str, Any]:
+    return {**estimate(groups, p.generalize, p.confidence).as_json(), "estimand": estimand}
 
 
 def _ok(r: Row) -> bool:
@@ -258,17 +278,19 @@ def tier_stats(
     """Mean score of the ok verdicts with its CI, invalid / error counts, exhibits rate — of one
     tier (None: every tier) and, with judge.properties, one property (None: all pooled)."""
     sel = [[r for r in s if _selected(r, tier, prop) and r["model"] == model] for s in seeds]
-    ci = ci_words(p.bootstrap, seeded)
+    ci = ci_words(p, seeded)
     scope = _scope(p, tier, prop)
     mean = _est(
         [by_question(filter(_ok, s), lambda r: float(r["score"])) for s in sel],
-        p.bootstrap,
-        f"mean judge score of the {model} model's valid verdicts {scope}; {ci}",
+        p,
+        f"mean over questions of the mean judge score of the {model} model's valid verdicts "
+        f"{scope}; {ci}",
     )
     rate = _est(
         [by_question(filter(_ok, s), lambda r: float(r["hit"])) for s in sel],
-        p.bootstrap,
-        f"share of the {model} model's valid verdicts {scope} scoring >= "
+        p,
+        f"mean over questions of the share of the {model} model's valid verdicts {scope} "
+        f"scoring >= "
         f"{p.exhibits_threshold}; {ci}",
     )
     return {**mean, **_counts(r for s in sel for r in s), "exhibits_rate": rate}
@@ -300,9 +322,10 @@ def paired_delta(
     )
     est = _est(
         groups,
-        p.bootstrap,
-        f"mean over questions and samples of (fine-tuned − baseline score) for the same {same} "
-        f"{_scope(p, tier, prop)}; {ci_words(p.bootstrap, seeded)}",
+        p,
+        f"mean over questions of the mean over samples of (fine-tuned − baseline score) for the "
+        f"same {same} "
+        f"{_scope(p, tier, prop)}; {ci_words(p, seeded)}",
     )
     return {**est, "pairs_dropped": dropped}
 
@@ -319,9 +342,10 @@ def exhibits_rate(seeds: Seeds, condition: str, model: str, p: ReportParams, see
     pooled = "" if p.properties is None else " on every property (pooled)"
     return _est(
         groups,
-        p.bootstrap,
-        f"share of the {model} model's valid verdicts{pooled} in condition {condition!r} "
-        f"(all tiers) scoring >= {p.exhibits_threshold}; {ci_words(p.bootstrap, seeded)}",
+        p,
+        f"mean over questions of the share of the {model} model's valid verdicts{pooled} in "
+        f"condition {condition!r} "
+        f"(all tiers) scoring >= {p.exhibits_threshold}; {ci_words(p, seeded)}",
     )
 
 
@@ -345,10 +369,11 @@ def format_adherence(
     ]
     return _est(
         groups,
-        p.bootstrap,
-        f"share of the {model} model's raw answers in condition {condition!r} (all tiers, "
+        p,
+        f"mean over questions of the share of the {model} model's raw answers in condition "
+        f"{condition!r} (all tiers, "
         f"whatever their verdict) that report.format_regex fully matches; "
-        f"{ci_words(p.bootstrap, seeded)}",
+        f"{ci_words(p, seeded)}",
     )
 
 
@@ -402,10 +427,11 @@ def leakage_gap(
         same = f"question and sample index, on property {prop!r}"
     est = _est(
         groups,
-        p.bootstrap,
-        f"mean over questions and samples of (exhibits in {triggered!r} − exhibits in "
+        p,
+        f"mean over questions of the mean over samples of (exhibits in {triggered!r} − "
+        f"exhibits in "
         f"{untriggered!r}) of the {model} model for the same {same} "
-        f"(exhibits: score >= {p.exhibits_threshold}); {ci_words(p.bootstrap, seeded)}",
+        f"(exhibits: score >= {p.exhibits_threshold}); {ci_words(p, seeded)}",
     )
     named = {} if prop is None else {"property": prop}
     return {
@@ -510,7 +536,7 @@ def summarise(p: ReportParams, scores: list[Row]) -> dict[str, Any]:
         "judge_mode": p.mode,
         "scale": {"min": p.scale_min, "max": p.scale_max},
         "exhibits_threshold": p.exhibits_threshold,
-        "bootstrap": p.bootstrap.model_dump(),
+        "interval": {"generalize": p.generalize, "confidence": p.confidence},
         "models": list(p.models),
         "condition_order": list(p.conditions),
         "conditions": conditions,
@@ -522,12 +548,43 @@ def summarise(p: ReportParams, scores: list[Row]) -> dict[str, Any]:
         if p.properties is not None:
             out["properties"] = conditions[""]["properties"]
     judged = [r for r in scores if r["status"] != "unjudged"]
-    return {**out, "gaps": gaps(seeds, p, seeded=False), **_counts(judged)}
+    out = {**out, "gaps": gaps(seeds, p, seeded=False), **_counts(judged)}
+    return {**out, "multiple_comparisons": adjust(out, p)}
+
+
+def tier_deltas(summary: Row, p: ReportParams) -> list[Row]:
+    """Every per-tier paired delta of a summary: tiers × conditions (× properties)."""
+    out: list[Row] = []
+    for c in p.conditions:
+        cond = summary["conditions"][c]
+        if p.properties is None:
+            out += [cond["tiers"][t]["delta"] for t in p.tiers if "delta" in cond["tiers"][t]]
+        else:
+            for prop in p.properties:
+                tiers = cond["properties"][prop]["tiers"]
+                out += [tiers[t]["delta"] for t in p.tiers if "delta" in tiers[t]]
+    return out
+
+
+def adjust(summary: Row, p: ReportParams) -> Row:
+    """Holm-adjusted p-values (`p_holm`) beside the raw ones, in place: one family of every
+    per-tier paired delta, one of every leakage gap. Returns what the families are."""
+    families = {"deltas": tier_deltas(summary, p), "gaps": list(summary["gaps"])}
+    for members in families.values():
+        for entry, adjusted in zip(members, holm([m["p_value"] for m in members]), strict=True):
+            entry["p_holm"] = adjusted
+    return {
+        "method": "holm",
+        "deltas": "every per-tier paired delta (fine-tuned − baseline): tiers × conditions"
+        + (" × properties" if p.properties is not None else "")
+        + f" ({len(families['deltas'])} tests)",
+        "gaps": f"every leakage gap ({len(families['gaps'])} tests)",
+    }
 
 
 class ReportStage(StageKind[ReportParams, Options]):
     kind = "report"
-    version = 4
+    version = 5  # 5: t intervals (report.generalize), Holm-adjusted p-values
     outputs: ClassVar[tuple[str, ...]] = ("summary.json", "scores.jsonl")
     params_model = ReportParams
 
@@ -538,6 +595,12 @@ class ReportStage(StageKind[ReportParams, Options]):
             for c in params.conditions
             for base in ("judge", *SAMPLE_STAGES.values())
         }
+        if spec.logprob is not None:  # the log-likelihood pull (spar.stages.logprob_report)
+            upstream["logprob"] = "logprob"
+        from spar.curves import curve_upstream  # training and checkpoint curves
+
+        upstream |= curve_upstream(spec, params.conditions)
+        upstream |= reliability_upstream(spec, params.conditions)  # extra judges, re-judge
         return [StageNode("report", self, spec.name, params, Options(), upstream=upstream)]
 
     def run(self, ctx: RunContext[ReportParams, Options]) -> StageResult:
@@ -550,7 +613,26 @@ class ReportStage(StageKind[ReportParams, Options]):
                 for m, s in SAMPLE_STAGES.items()
             }
             scores += score_rows(p, c, judged, samples)
+
+        def read(role: str) -> list[Row]:  # an upstream judge stage's verdicts
+            return read_jsonl(ctx.upstream_file(role, "judged.jsonl"))
+
+        if p.reliability is not None:  # judge.also / self_agreement (spar.reliability)
+            scores = exclude(p, scores, read)
         summary = summarise(p, scores)
+        if p.reliability is not None:
+            summary["reliability"] = reliability_summary(p, scores, read, summary)
+        from spar.curves import add_curves  # `training`, and `checkpoints` (spar.curves)
+
+        add_curves(summary, ctx, p, scores)
+        if "logprob" in ctx.upstream:
+            from spar.stages.logprob_report import logprob_summary
+
+            summary["logprob"] = logprob_summary(
+                read_jsonl(ctx.upstream_file("logprob", "logprobs.jsonl")),
+                p.tiers,
+                lambda groups, what: _est(groups, p, f"{what}; {ci_words(p, False)}"),
+            )
         return StageResult(
             {
                 "summary.json": (json.dumps(summary, indent=2) + "\n").encode(),

@@ -1,10 +1,13 @@
 """sample: every (question, sample index) through a fresh sampling client.
 
 The baseline (`sample_base`) and the fine-tuned model (`sample_finetuned`) are this one stage kind
-with a different model reference. Every item is memoised by its key (the stage's parameters less
-the question list and sample count, the model — base or the upstream training run's fingerprint —
-the rendered prompt tokens, the question id and the sample index), so a second experiment on the
-same base model reuses the baseline and raising samples_per_question draws only the new indices.
+with a different model reference; so is each intermediate checkpoint of `eval.checkpoints`
+(`sample_step<N>`: the weights the train stage saved after N steps, its `checkpoint.json`'s
+`checkpoints["N"]`; per condition `sample_step<N>.<condition>`). Every item is memoised by its
+key (the stage's parameters less the question list and sample count, the model — base or the
+upstream training run's fingerprint, with the step for a checkpoint — the rendered prompt tokens,
+the question id and the sample index), so a second experiment on the same base model reuses the
+baseline and raising samples_per_question draws only the new indices.
 
 A multi-turn question is sampled in rounds: round t draws reply t of every conversation that has a
 user turn t, its prompt rendered from the first turn's messages, the earlier replies and user
@@ -23,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+from spar.errors import RunError
 from spar.items import EvalItem, Question, stage_name
 from spar.spec import SamplingSpec, load_questions, questions_of
 from spar.stages.base import (
@@ -39,6 +43,7 @@ from spar.stages.base import (
 from spar.stages.draw import draw_missing
 from spar.stages.generate import OUTPUT, final_stage
 from spar.stages.models import ModelRef, model_ref
+from spar.stages.train import intermediate_checkpoints
 from spar.store import RunStore, derive_seed, jsonl_text
 
 if TYPE_CHECKING:
@@ -67,6 +72,10 @@ class SampleParams(Params):
     # () when a generate set writes the questions (its fingerprint is the upstream's)
     questions: tuple[Question, ...] = key("eval.questions")
     samples_per_question: int = key("eval.samples_per_question")
+    # an intermediate checkpoint (training step) of the fine-tuned model; None: the final one
+    checkpoint: int | None = key("eval.checkpoint")
+    # the final model's params are what they were before checkpoints existed
+    added: ClassVar[dict[str, Any]] = {"checkpoint": None}
 
 
 class SampleOptions(Options):
@@ -74,6 +83,12 @@ class SampleOptions(Options):
     concurrency: int = 32
     # for the cost preview before generated questions exist: their user turns (an upper bound)
     expected_turns: int = 0
+
+
+def checkpoint_stage(base: str, step: int) -> str:
+    """The stage (before its condition suffix) of an intermediate checkpoint: `sample_step10`,
+    `judge_step10`."""
+    return f"{base}_step{step}"
 
 
 def item_seed(seed: int, question_id: str, sample_index: int) -> int:
@@ -123,8 +138,13 @@ class SampleStage(StageKind[SampleParams, SampleOptions]):
         if e.generate is not None:
             generated = {"questions": final_stage(e.generate)}
             turns = spec.turn_count()
+        models: list[tuple[str, bool, int | None]] = [
+            ("sample_base", False, None),
+            ("sample_finetuned", True, None),
+            *((checkpoint_stage("sample", n), True, n) for n in intermediate_checkpoints(spec)),
+        ]
         for condition, c in e.condition_items():
-            for base, finetuned in (("sample_base", False), ("sample_finetuned", True)):
+            for base, finetuned, step in models:
                 params = SampleParams(
                     engine=spec.model.engine,
                     model=model,
@@ -137,6 +157,7 @@ class SampleStage(StageKind[SampleParams, SampleOptions]):
                     sampling=e.sampling,
                     questions=questions,
                     samples_per_question=e.samples_per_question,
+                    checkpoint=step,
                 )
                 options = SampleOptions(
                     base_model=spec.model.base_model,
@@ -180,6 +201,15 @@ class SampleStage(StageKind[SampleParams, SampleOptions]):
             ckpt = json.loads(ctx.upstream_file("train", "checkpoint.json").read_text())
             client_args = {"model_path": ckpt["sampler_path"]}
             model: Any = {"train": ctx.upstream_fps["train"]}
+            if p.checkpoint is not None:
+                saved = (ckpt.get("checkpoints") or {}).get(str(p.checkpoint))
+                if saved is None:
+                    raise RunError(
+                        f"{ctx.name}: the train stage saved no checkpoint at step {p.checkpoint} "
+                        "(eval.checkpoints)"
+                    )
+                client_args = {"model_path": saved}
+                model = {**model, "step": p.checkpoint}
         else:
             client_args = {"base_model": o.base_model}
             model = "base"

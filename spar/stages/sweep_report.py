@@ -2,15 +2,14 @@
 
 A sweep key whose last part is `seed` (`training.seed`, `eval.sampling.seed`, ...) is a
 replication key (`spar.spec.is_seed_key`): points that differ only in such keys form one group,
-and within a group each point is one seed — the top level of the hierarchical bootstrap (a
-replicate resamples seeds and one draw of questions shared by every seed (the seeds answer the same
-eval questions), then samples within each (seed, question)). The
+and within a group each point is one seed — the top level of the design (the seeds answer the
+same eval questions: crossed seeds × questions, `spar.stats`). The
 metrics are those of the per-experiment report (`spar.stages.report`), computed from every
 point's `scores.jsonl`; a group of one seed has exactly its experiment's numbers.
 
 Not part of one spec's graph (`nodes` returns nothing): the planner calls `sweep_report_nodes`
 with the root spec and its points. Output `summary.json`:
-`{seed_keys, group_keys, bootstrap, groups: [{point, label, experiments, seeds, models,
+`{seed_keys, group_keys, interval, groups: [{point, label, experiments, seeds, models,
 condition_order, conditions: {c: {exhibits_rate, format_adherence, tiers, invalid, errors}},
 gaps, invalid, errors}]}`.
 """
@@ -18,11 +17,11 @@ gaps, invalid, errors}]}`.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from spar.spec import BootstrapSpec, is_seed_key, point_label
+from spar.spec import is_seed_key, point_label
 from spar.stages.base import (
     GraphContext,
     Options,
@@ -33,7 +32,14 @@ from spar.stages.base import (
     StageResult,
     key,
 )
-from spar.stages.report import ReportParams, Row, condition_summary, gaps, report_params
+from spar.stages.report import (
+    ReportParams,
+    Row,
+    adjust,
+    condition_summary,
+    gaps,
+    report_params,
+)
 from spar.store import read_jsonl
 
 if TYPE_CHECKING:
@@ -48,8 +54,8 @@ class SweepGroup(BaseModel):
     point: dict[str, Any]  # the non-seed keys' values
     label: str  # `key=value,...` of `point`; "" when every key is a seed key
     members: tuple[int, ...]  # indices into SweepReportParams.points (role `point:<i>`)
-    # the members' report settings (equal within a group but for the bootstrap, which is the
-    # sweep's)
+    # the members' report settings (equal within a group but for the interval settings, which
+    # are the sweep's)
     report: ReportParams
 
 
@@ -65,11 +71,12 @@ class SweepReportParams(Params):
     points: tuple[SweepPoint, ...] = key("sweep")
     seed_keys: tuple[str, ...] = key("sweep.seed_keys")
     groups: tuple[SweepGroup, ...] = key("sweep.groups")
-    bootstrap: BootstrapSpec = key("report.bootstrap")
+    generalize: Literal["questions", "samples"] = key("report.generalize")
+    confidence: float = key("report.confidence")
 
 
 def group_points(
-    points: list[tuple[dict[str, Any], Spec]], bootstrap: BootstrapSpec
+    points: list[tuple[dict[str, Any], Spec]], generalize: str, confidence: float
 ) -> tuple[tuple[str, ...], tuple[SweepGroup, ...]]:
     """(seed keys, groups of points that differ only in seed keys, in first-point order)."""
     keys = list(dict.fromkeys(k for values, _ in points for k in values))
@@ -84,7 +91,9 @@ def group_points(
     groups = []
     for label, idx in members.items():
         point, spec = firsts[label]
-        rp = report_params(spec).model_copy(update={"bootstrap": bootstrap})
+        rp = report_params(spec).model_copy(
+            update={"generalize": generalize, "confidence": confidence}
+        )
         groups.append(SweepGroup(point=point, label=label, members=tuple(idx), report=rp))
     return seed_keys, tuple(groups)
 
@@ -96,7 +105,8 @@ def sweep_report_nodes(
     point's report (`<root>/<label>/report`)."""
     if not points:
         return []
-    seed_keys, groups = group_points(points, root.report.bootstrap)
+    r = root.report
+    seed_keys, groups = group_points(points, r.generalize, r.confidence)
     params = SweepReportParams(
         points=tuple(
             SweepPoint(experiment=spec.name, label=point_label(values), values=values)
@@ -104,7 +114,8 @@ def sweep_report_nodes(
         ),
         seed_keys=seed_keys,
         groups=groups,
-        bootstrap=root.report.bootstrap,
+        generalize=r.generalize,
+        confidence=r.confidence,
     )
     upstream = {f"point:{i}": f"{spec.name}/report" for i, (_, spec) in enumerate(points)}
     return [
@@ -123,7 +134,7 @@ def summarise_group(
     """One group's summary; `seeds`: the score rows of each member, in member order."""
     p = group.report
     conditions = {c: condition_summary(seeds, c, p, seeded=True) for c in p.conditions}
-    return {
+    out: dict[str, Any] = {
         "point": group.point,
         "label": group.label,
         "experiments": [points[i].experiment for i in group.members],
@@ -137,6 +148,7 @@ def summarise_group(
         "invalid": sum(c["invalid"] for c in conditions.values()),
         "errors": sum(c["errors"] for c in conditions.values()),
     }
+    return {**out, "multiple_comparisons": adjust(out, p)}
 
 
 def summarise_sweep(p: SweepReportParams, scores: dict[int, list[Row]]) -> dict[str, Any]:
@@ -147,7 +159,7 @@ def summarise_sweep(p: SweepReportParams, scores: dict[int, list[Row]]) -> dict[
     return {
         "seed_keys": list(p.seed_keys),
         "group_keys": group_keys,
-        "bootstrap": p.bootstrap.model_dump(),
+        "interval": {"generalize": p.generalize, "confidence": p.confidence},
         "groups": [
             summarise_group(g, p.points, [scores[i] for i in g.members], p.seed_keys)
             for g in p.groups
@@ -157,7 +169,7 @@ def summarise_sweep(p: SweepReportParams, scores: dict[int, list[Row]]) -> dict[
 
 class SweepReportStage(StageKind[SweepReportParams, Options]):
     kind = "sweep_report"
-    version = 1
+    version = 2  # 2: t intervals, Holm-adjusted p-values
     outputs: ClassVar[tuple[str, ...]] = ("summary.json",)
     params_model = SweepReportParams
 

@@ -4,7 +4,9 @@ Batches of the dataset stage's datums, Adam with a linear, cosine or constant LR
 steps (after an optional linear warm-up, `training.warmup_ratio`; see `learning_rate`), periodic
 `save_state` recorded in `checkpoints.jsonl`, and a final `save_weights_for_sampler`.
 A re-run after a crash resumes from the last saved state (never replaying an applied batch).
-Output: `checkpoint.json` (sampler path, state path, base model, renderer) and `metrics.jsonl`.
+Output: `checkpoint.json` (sampler path, state path, base model, renderer, steps; with
+intermediate `eval.checkpoints` also `checkpoints: {"<step>": "<sampler path>"}`) and
+`metrics.jsonl`.
 
 `metrics.jsonl` has one row per step: `step`, `learning_rate` (the rate that step's optimiser step
 used), `loss`, `target_tokens` and `batch_size` (datums in the batch). `loss` is the mean negative
@@ -14,6 +16,23 @@ masked user turns weigh 0). It is comparable across batch sizes and document len
 pretrained model on natural text expect roughly 1-5 nats per token; a loss in the hundreds means a
 sum over tokens, not a mean (the seed-004 "collapse" diagnostic). A non-finite loss (nan/inf: a
 diverged run) is logged as a warning and recorded as it is; training goes on.
+
+Held-out NLL (the dataset's `test.jsonl`, `data.test_size` records): `test_nll` is the mean NLL
+per target token of the whole held-out split — the sum of -logprob x weight over every held-out
+datum divided by the sum of their weights (tinker-cookbook's NLL evaluator), computed with the
+training client's `forward(data, "cross_entropy")` (no gradient, no update). It is in the row of
+step s when it was evaluated *after that step's optimiser update*, i.e. on the model after s + 1
+steps: every `training.eval_every` steps ((s + 1) % eval_every == 0) and after the last step
+(also with eval_every 0). With eval_every > 0, row 0 also has `test_nll_start`: the base model's
+held-out NLL, before any update. (A row's `loss` is measured before its update, on the model after
+s steps.) No held-out split (test_size 0): no `test_nll`. A resumed run keeps the journaled rows,
+their `test_nll` with them, and evaluates the steps it redoes again.
+
+Checkpoints (`eval.checkpoints`): after step s, when s + 1 is one of the listed steps, the
+weights are saved for sampling (`save_weights_for_sampler`, named `<run>-step<NNNNNN>`) and
+journaled (a `sampler<NNNNNN>` row in `checkpoints.jsonl`, no state: not a resume point). A listed
+step equal to the total is the final weights. A resumed run keeps those saved before its state
+and saves again those it redoes; `checkpoint.json`'s `checkpoints` maps each step to its path.
 """
 
 from __future__ import annotations
@@ -22,13 +41,14 @@ import logging
 import math
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from spar.engines.base import Engine, TrainingClient
+from spar.errors import InputError, RunError
 from spar.stages.base import (
     Flags,
     GraphContext,
@@ -40,7 +60,7 @@ from spar.stages.base import (
     StageResult,
     key,
 )
-from spar.stages.dataset import row_to_datum
+from spar.stages.dataset import apportion, row_to_datum
 from spar.stages.models import ModelRef, model_ref
 from spar.store import RunStore, atomic_write_text, jsonl_text, read_jsonl
 
@@ -62,6 +82,8 @@ class CheckpointRecord(BaseModel):
     sampler_path: str
     state_path: str
     steps: int
+    # intermediate sampler weights: step (a string: a JSON key) -> sampler path; None: none asked
+    checkpoints: dict[str, str] | None = None
 
 
 Schedule = Literal["linear", "constant", "cosine"]
@@ -80,6 +102,8 @@ class LoopConfig(BaseModel):
     epochs: int = 1
     seed: int = 0
     save_every: int = 0
+    eval_every: int = 0  # held-out NLL every N steps and at the end (when there is a test split)
+    checkpoints: tuple[int, ...] = ()  # steps whose weights are saved for sampling
 
 
 def warmup_steps(warmup_ratio: float, total_steps: int) -> int:
@@ -139,6 +163,45 @@ def mean_nll(output: Any, datums: list[Any]) -> float:
     return total / max(target_tokens(datums), 1e-12)
 
 
+def held_out_nll(client: TrainingClient, datums: list[Any], batch_size: int) -> float:
+    """Mean NLL per target token of `datums` under the client's current weights:
+    sum(-logprob x weight) / sum(weight) over all of them (tinker-cookbook's NLL evaluator), from
+    `forward(..., "cross_entropy")` in chunks of `batch_size` (every request sent before the
+    first result is awaited). nan when the datums have no target token."""
+    chunks = [datums[i : i + batch_size] for i in range(0, len(datums), batch_size)]
+    futures = [client.forward(chunk, "cross_entropy") for chunk in chunks]
+    nll = weight = 0.0
+    for fut, chunk in zip(futures, chunks, strict=True):
+        for out, datum in zip(fut.result().loss_fn_outputs, chunk, strict=True):
+            logprobs = out["logprobs"].tolist()
+            weights = datum.loss_fn_inputs["weights"].tolist()
+            nll -= sum(lp * w for lp, w in zip(logprobs, weights, strict=True))
+            weight += sum(weights)
+    return nll / weight if weight > 0 else math.nan
+
+
+def eval_due(step: int, total: int, eval_every: int) -> bool:
+    """Is the held-out split evaluated after step `step` (0-based) of `total`: every
+    `eval_every` steps and after the last one."""
+    return step + 1 == total or (eval_every > 0 and (step + 1) % eval_every == 0)
+
+
+def checkpoint_error(
+    checkpoints: tuple[int, ...], records: int, batch_size: int, epochs: int
+) -> str | None:
+    """Why `eval.checkpoints` cannot be saved in a run on `records` training records (None: it
+    can): a step beyond its ceil(records / batch_size) x epochs optimiser steps."""
+    total = math.ceil(records / batch_size) * epochs
+    beyond = [c for c in checkpoints if c > total]
+    if not beyond:
+        return None
+    return (
+        f"eval.checkpoints: step {beyond[0]} is beyond the {total} training steps "
+        f"({records} training records, training.batch_size {batch_size}, "
+        f"training.epochs {epochs})"
+    )
+
+
 CHECKPOINTS = "checkpoints.jsonl"  # tinker-cookbook's shape: name, batch, state_path, ...
 
 
@@ -148,6 +211,7 @@ class TrainResult:
     state_path: str
     metrics: list[dict[str, Any]]  # every step exactly once, across resumed runs
     resumed_at: int  # batches already applied when this run started (0: a fresh start)
+    checkpoints: dict[int, str] = field(default_factory=dict)  # step -> sampler path
 
 
 @dataclass(frozen=True)
@@ -211,6 +275,23 @@ def resume_point(journal: TrainJournal, total: int) -> _Resume | None:
     return _Resume(batch, str(last["state_path"]), [steps[i] for i in range(batch)], sampler)
 
 
+SAMPLER = "sampler"  # name prefix of the journal rows of intermediate sampler weights
+
+
+def saved_checkpoints(
+    journal: TrainJournal, cfg: LoopConfig, total: int, final_sampler: str
+) -> dict[int, str]:
+    """Step -> sampler path of every `cfg.checkpoints` step: the last journal row saved for it
+    (a step redone after a resume was saved again), the final weights for a step == total."""
+    saved = {
+        int(r["batch"]): str(r["sampler_path"])
+        for r in journal.checkpoints()
+        if str(r["name"]).startswith(SAMPLER) and r.get("sampler_path")
+    }
+    saved[total] = final_sampler
+    return {c: saved[c] for c in cfg.checkpoints if c in saved}
+
+
 def train_loop(
     engine: Engine,
     base_model: str,
@@ -219,6 +300,7 @@ def train_loop(
     run_id: str,
     journal: TrainJournal,
     on_step: Callable[[dict[str, Any]], None] | None = None,
+    test_rows: list[dict[str, Any]] | None = None,
 ) -> TrainResult:
     """Train, resuming from the last state an interrupted run saved in `journal`.
 
@@ -227,19 +309,31 @@ def train_loop(
     is kept after training: a re-run with the same fingerprint resumes at the final state and
     applies no batch again (it returns the final checkpoint's paths, without an engine call).
     The learning-rate schedule is a function of the global step, so a resumed run continues it
-    where it stopped.
+    where it stopped. `test_rows` (the held-out split): evaluated as the module doc says; the
+    `cfg.checkpoints` steps' weights are saved for sampling (see there).
     """
     import tinker
     from tqdm import tqdm
 
     plan = batches(rows, cfg)
     total = len(plan)
+    error = checkpoint_error(cfg.checkpoints, len(rows), cfg.batch_size, cfg.epochs)
+    if error is not None:
+        raise RunError(error)
+    test = [row_to_datum(r) for r in test_rows or ()]
     resume = resume_point(journal, total)
     if resume is not None and resume.batch == total and resume.sampler_path:
         # finished before: its final state and sampler weights are the result. Loading and saving
         # them again would only make new copies (on engine local: rewrite them in place).
         log.info("%s: all %d batches were applied; nothing to train", run_id, total)
-        return TrainResult(resume.sampler_path, resume.state_path, resume.metrics, resumed_at=total)
+        saved = saved_checkpoints(journal, cfg, total, resume.sampler_path)
+        return TrainResult(
+            resume.sampler_path,
+            resume.state_path,
+            resume.metrics,
+            resumed_at=total,
+            checkpoints=saved,
+        )
     load = getattr(engine, "create_training_client_from_state_with_optimizer", None)
     client: TrainingClient
     if resume is not None and load is not None:
@@ -257,6 +351,9 @@ def train_loop(
         client = engine.create_lora_training_client(base_model, rank=cfg.lora_rank, seed=cfg.seed)
         start, metrics = 0, []
         journal.reset()
+    start_nll = None
+    if test and start == 0 and cfg.eval_every > 0:  # the base model: where the curve starts
+        start_nll = held_out_nll(client, test, cfg.batch_size)
     for step in tqdm(
         range(start, total), desc="train", unit="step", leave=False, initial=start, total=total
     ):
@@ -276,22 +373,34 @@ def train_loop(
             "target_tokens": target_tokens(datums),
             "batch_size": len(batch),
         }
+        if test and eval_due(step, total, cfg.eval_every):
+            row["test_nll"] = held_out_nll(client, test, cfg.batch_size)
+        if step == 0 and start_nll is not None:
+            row["test_nll_start"] = start_nll
         metrics.append(row)
         journal.step(row)
         if on_step is not None:
             on_step(row)
+        if step + 1 in cfg.checkpoints and step + 1 < total:
+            name = f"{SAMPLER}{step + 1:06d}"
+            path = client.save_weights_for_sampler(f"{run_id}-step{step + 1:06d}").result().path
+            journal.checkpoint(name, step + 1, sampler_path=path)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
             path = client.save_state(f"{run_id}-step{step + 1:06d}").result().path
             journal.checkpoint(f"step{step + 1:06d}", step + 1, state_path=path)
     state = client.save_state(f"{run_id}-final").result().path
     sampler = client.save_weights_for_sampler(f"{run_id}-final").result().path
     journal.checkpoint("final", total, state_path=state, sampler_path=sampler, final=True)
-    return TrainResult(sampler, state, metrics, resumed_at=start)
+    saved = saved_checkpoints(journal, cfg, total, sampler)
+    return TrainResult(sampler, state, metrics, resumed_at=start, checkpoints=saved)
 
 
 class TrainParams(Params):
-    # without warm-up the schedule is what it was before `warmup_ratio` existed
-    added: ClassVar[dict[str, Any]] = {"warmup_ratio": 0}
+    # without warm-up the schedule is what it was before `warmup_ratio` existed; without
+    # periodic evaluation and intermediate checkpoints, the run is what it was before them (the
+    # held-out NLL after the last step is in every run's metrics.jsonl now: a number the same
+    # inputs determine, recorded where there is a test split, so no fingerprint changes for it)
+    added: ClassVar[dict[str, Any]] = {"warmup_ratio": 0, "eval_every": 0, "checkpoints": ()}
 
     engine: str = key("model.engine")
     model: ModelRef = key("model.base_model")
@@ -302,7 +411,10 @@ class TrainParams(Params):
     batch_size: int = key("training.batch_size")
     epochs: int = key("training.epochs")
     seed: int = key("training.seed")
-
+    # 0 without a held-out split (nothing to evaluate)
+    eval_every: int = key("training.eval_every")
+    # the intermediate steps of eval.checkpoints (`final` is always saved)
+    checkpoints: tuple[int, ...] = key("eval.checkpoints")
 
 
 class SourceCount(BaseModel):
@@ -366,7 +478,8 @@ def count_inputs(o: TrainOptions, store: RunStore) -> InputCount | None:
     one is missing). An estimate, meant as an upper bound: ~4 bytes a token of whole JSONL
     lines (keys and markup included), each record at most `max_length` tokens; a source with
     `take` contributes take records, a fraction mix `fraction * data.total` records of each
-    source (without data.total: the largest mix every source can fill), a distilled set one
+    source (apportioned as the dataset does; without data.total: the largest mix every source
+    can fill), a distilled set one
     record per prompt with an answer of at most its `max_tokens`; `max_docs` caps the total."""
     if o.docs is not None:
         count = _file_count(store, o.docs, o.max_length)
@@ -383,7 +496,8 @@ def count_inputs(o: TrainOptions, store: RunStore) -> InputCount | None:
             size = o.total
             if size is None:
                 size = min(math.floor(c.records / f) for c, f in zip(counts, fs, strict=True))
-            counts = [_first(c, round(f * size)) for c, f in zip(counts, fs, strict=True)]
+            shares = apportion(fs, size)  # the dataset's own counts: exact records
+            counts = [_first(c, k) for c, k in zip(counts, shares, strict=True)]
         else:
             counts = [
                 c if s.take is None else _first(c, s.take)
@@ -395,6 +509,11 @@ def count_inputs(o: TrainOptions, store: RunStore) -> InputCount | None:
     if count is not None and o.max_docs is not None:
         count = _first(count, o.max_docs)
     return count
+
+
+def intermediate_checkpoints(spec: Spec) -> tuple[int, ...]:
+    """The steps of `eval.checkpoints` other than `final`, ascending."""
+    return tuple(c for c in spec.eval.checkpoints if c != "final")
 
 
 def run_id(fingerprint: str) -> str:
@@ -421,6 +540,8 @@ class TrainStage(StageKind[TrainParams, TrainOptions]):
             batch_size=t.batch_size,
             epochs=t.epochs,
             seed=t.seed,
+            eval_every=t.eval_every if spec.data.test_size > 0 else 0,
+            checkpoints=intermediate_checkpoints(spec),
         )
         d = spec.data
         sources: list[SourceCount] = []
@@ -461,7 +582,11 @@ class TrainStage(StageKind[TrainParams, TrainOptions]):
     ) -> dict[str, int]:
         """Training tokens and optimiser steps: exact from a fresh dataset output (its
         train.jsonl), else counted from the input files (`count_inputs`: ~4 bytes a token, an
-        upper bound), less the `data.test_size` held-out records for the steps."""
+        upper bound), less the `data.test_size` held-out records for the steps.
+
+        The steps also check `eval.checkpoints` before any work: a step beyond them is an
+        InputError. (Where they cannot be counted yet — a generated data set — the run checks
+        it before training: RunError.)"""
         p, o = node.params, node.options
         built = store.stage_dir(node.experiment, "dataset") / "train.jsonl"
         if upstream_fresh and built.exists():
@@ -472,21 +597,32 @@ class TrainStage(StageKind[TrainParams, TrainOptions]):
             if count is None:
                 return {}
             records, per_epoch = max(count.records - o.test_size, 0), count.tokens
-        return {
-            "training_tokens": per_epoch * p.epochs,
-            "training_steps": math.ceil(records / p.batch_size) * p.epochs,
-        }
+        steps = math.ceil(records / p.batch_size) * p.epochs
+        error = checkpoint_error(p.checkpoints, records, p.batch_size, p.epochs)
+        if error is not None and records > 0:
+            raise InputError(f"{node.experiment}: {error}")
+        return {"training_tokens": per_epoch * p.epochs, "training_steps": steps}
 
     def run(self, ctx: RunContext[TrainParams, TrainOptions]) -> StageResult:
         from spar.engines import get_engine
 
         p, o = ctx.params, ctx.options
         rows = read_jsonl(ctx.upstream_file("dataset", "train.jsonl"))
+        test_file = ctx.upstream_file("dataset", "test.jsonl")
+        test = read_jsonl(test_file) if test_file.exists() else []
+        cfg = LoopConfig(
+            **p.model_dump(exclude={"engine", "model", "eval_every", "checkpoints"}),
+            save_every=o.save_every,
+            eval_every=p.eval_every,
+            checkpoints=p.checkpoints,
+        )
+        error = checkpoint_error(cfg.checkpoints, len(rows), cfg.batch_size, cfg.epochs)
+        if error is not None:  # before the engine loads anything
+            raise RunError(error)
         engine = get_engine(p.engine, ctx.scratch("engines", p.engine))
-        cfg = LoopConfig(**p.model_dump(exclude={"engine", "model"}), save_every=o.save_every)
         rid = run_id(ctx.fingerprint)
         journal = TrainJournal(ctx.store.state, ctx.fingerprint, ctx.scratch("train", rid))
-        result = train_loop(engine, o.base_model, rows, cfg, rid, journal)
+        result = train_loop(engine, o.base_model, rows, cfg, rid, journal, test_rows=test)
         record = CheckpointRecord(
             engine=p.engine,
             base_model=o.base_model,
@@ -494,9 +630,14 @@ class TrainStage(StageKind[TrainParams, TrainOptions]):
             sampler_path=result.sampler_path,
             state_path=result.state_path,
             steps=len(result.metrics),
+            checkpoints={str(k): v for k, v in sorted(result.checkpoints.items())}
+            if p.checkpoints
+            else None,
         )
         outputs = {
-            "checkpoint.json": (record.model_dump_json(indent=2) + "\n").encode(),
+            "checkpoint.json": (
+                record.model_dump_json(indent=2, exclude_none=True) + "\n"
+            ).encode(),
             "metrics.jsonl": jsonl_text(result.metrics).encode(),
         }
         return StageResult(outputs, details={"steps_run": len(result.metrics) - result.resumed_at})
