@@ -27,6 +27,7 @@ such, and asked again by the next apply (the stage stays incomplete until then).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -208,6 +209,32 @@ def verdict_rows(
     return rows
 
 
+def estimate_calls(
+    node: StageNode[Any, JudgeOptions],
+    store: RunStore,
+    rubric: Path,
+    requests_of: Callable[[list[Path]], list[tuple[dict[str, Any], JudgeRequest]]],
+    memo: Callable[[], ItemMemo],
+    upstream_fresh: bool,
+    flags: Flags | None,
+) -> dict[str, int]:
+    """A judge stage's calls still to make (`judge` and the extra judges of `judge_also`):
+    exact and memo-aware once its sample outputs are fresh, else an upper bound from the sample
+    stages' parameters. Input tokens at 4 characters a token."""
+    p = node.params
+    samples = [store.stage_dir(*node.upstream_at(r)) / "samples.jsonl" for r in sample_roles(p)]
+    if upstream_fresh and all(s.exists() for s in samples):
+        requests = requests_of(samples)
+        retry = flags is not None and flags.retry_invalid
+        _, _, todo = to_ask(p, memo(), requests, retry)
+        chars = sum(len(requests[i][1].prompt) for i in todo)
+        return {"judge_calls": len(todo), "judge_input_tokens": chars // 4}
+    o = node.options
+    calls = o.expected_answers * len(p.property_items())
+    per_call = len(rubric.read_text()) + o.answer_chars
+    return {"judge_calls": calls, "judge_input_tokens": calls * per_call // 4}
+
+
 class JudgeStage(StageKind[JudgeParams, JudgeOptions]):
     kind = "judge"
     version = 3
@@ -298,18 +325,15 @@ class JudgeStage(StageKind[JudgeParams, JudgeOptions]):
         token. With properties, every answer is judged once per property."""
         p = node.params
         rubric = node.inputs["judge.rubric"].path
-        samples = [store.stage_dir(*node.upstream_at(r)) / "samples.jsonl" for r in sample_roles(p)]
-        if upstream_fresh and all(s.exists() for s in samples):
-            requests = self._requests(p, rubric, samples)
-            memo = store.memo(self.kind, self.item_version, p.item_basis())
-            retry = flags is not None and flags.retry_invalid
-            _, _, todo = to_ask(p, memo, requests, retry)
-            chars = sum(len(requests[i][1].prompt) for i in todo)
-            return {"judge_calls": len(todo), "judge_input_tokens": chars // 4}
-        o = node.options
-        calls = o.expected_answers * len(p.property_items())
-        per_call = len(rubric.read_text()) + o.answer_chars
-        return {"judge_calls": calls, "judge_input_tokens": calls * per_call // 4}
+        return estimate_calls(
+            node,
+            store,
+            rubric,
+            lambda samples: self._requests(p, rubric, samples),
+            lambda: store.memo(self.kind, self.item_version, p.item_basis()),
+            upstream_fresh,
+            flags,
+        )
 
     def run(self, ctx: RunContext[JudgeParams, JudgeOptions]) -> StageResult:
         from tqdm import tqdm

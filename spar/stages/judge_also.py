@@ -52,6 +52,7 @@ from spar.stages.judge import (
     JudgeParams,
     JudgeStage,
     build_requests,
+    estimate_calls,
     sample_roles,
     strip_patterns,
     to_ask,
@@ -242,17 +243,15 @@ class JudgeAlsoStage(StageKind[AlsoParams, JudgeOptions]):
         samples are fresh, else an upper bound (the chosen share of the items, rounded up)."""
         p = node.params
         rubric = next(iter(node.inputs.values())).path
-        samples = [store.stage_dir(*node.upstream_at(r)) / "samples.jsonl" for r in sample_roles(p)]
-        if upstream_fresh and all(s.exists() for s in samples):
-            requests = requests_of(p, rubric, samples)
-            retry = flags is not None and flags.retry_invalid
-            _, _, todo = to_ask(p, judge_memo(store, p), requests, retry)
-            chars = sum(len(requests[i][1].prompt) for i in todo)
-            return {"judge_calls": len(todo), "judge_input_tokens": chars // 4}
-        o = node.options
-        calls = o.expected_answers * len(p.property_items())
-        per_call = len(rubric.read_text()) + o.answer_chars
-        return {"judge_calls": calls, "judge_input_tokens": calls * per_call // 4}
+        return estimate_calls(
+            node,
+            store,
+            rubric,
+            lambda samples: requests_of(p, rubric, samples),
+            lambda: judge_memo(store, p),
+            upstream_fresh,
+            flags,
+        )
 
     def run(self, ctx: RunContext[AlsoParams, JudgeOptions]) -> StageResult:
         from tqdm import tqdm
