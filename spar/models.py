@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from spar.errors import InputError, RunError
+from spar.quiet import captured
 
 log = logging.getLogger(__name__)
 
@@ -95,13 +96,14 @@ def _convert_gguf(gguf: Path, dest: Path) -> None:
     log.info("converting %s to safetensors in %s (once)", gguf.name, dest)
     tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    # save_pretrained refuses a GGUF-dequantised model until its quantizer is cleared
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(tmp, safe_serialization=True)
-    _tokenizer_from_gguf(gguf).save_pretrained(tmp)
+    with captured(log, "convert " + gguf.name):  # its progress bars: shown with -v
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        # save_pretrained refuses a GGUF-dequantised model until its quantizer is cleared
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp, safe_serialization=True)
+        _tokenizer_from_gguf(gguf).save_pretrained(tmp)
     tmp.rename(dest)
 
 

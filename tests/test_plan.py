@@ -48,7 +48,7 @@ def test_fresh_after_apply_and_second_apply_runs_nothing(project, capsys):
     }
     r = project.spar("apply", str(project.spec), capsys=capsys)
     assert r.code == 0
-    assert {line.split(" / ")[1] for line in r.out.splitlines()} == ALL
+    assert {line.split(" / ")[1] for line in r.out.split("\n\n")[0].splitlines()} == ALL
     assert not_fresh(plan(project, capsys)) == set()
     calls = project.calls.read_text()
     r = project.spar("apply", str(project.spec), capsys=capsys)
@@ -189,7 +189,7 @@ def test_label_edit_rerenders_only_the_plot_with_the_new_label(applied, capsys):
     assert not_fresh(rows) == {"plot"}
     assert "framing: 'neutral' -> 'neutral tone (v2)'" in rows["plot"]["reasons"]
     r = applied.spar("apply", str(applied.spec), capsys=capsys)
-    assert r.out.strip() == "ran exp / plot"
+    assert r.out.split("\n\n")[0] == "ran exp / plot"  # then the headline
     html = (applied.runs / "exp/plot/report.html").read_text()
     assert "neutral tone (v2)" in html
 
@@ -202,7 +202,7 @@ def test_plot_styling_rerenders_only_the_plot(applied, capsys):
     assert any(r.startswith("report.plot.dpi: 120 -> 100") for r in rows["plot"]["reasons"])
     before = (applied.calls_of("sample"), applied.calls_of("judge"))
     r = applied.spar("apply", str(applied.spec), capsys=capsys)
-    assert r.out.strip() == "ran exp / plot"
+    assert r.out.split("\n\n")[0] == "ran exp / plot"  # then the headline
     assert (applied.calls_of("sample"), applied.calls_of("judge")) == before
 
 
@@ -235,7 +235,7 @@ def test_deleted_output_is_missing_and_restored_from_the_run_cache(applied, caps
     assert not_fresh(rows) == {"plot"}
     assert rows["plot"]["status"] == "missing" and rows["plot"]["action"] == "restore"
     r = applied.spar("apply", str(applied.spec), capsys=capsys)
-    assert r.out.strip() == "restored exp / plot (run cache)"
+    assert r.out.split("\n\n")[0] == "restored exp / plot (run cache)"
     assert png.read_bytes() == before
     assert not_fresh(plan(applied, capsys)) == set()
 
@@ -256,7 +256,7 @@ def test_rubric_edit_rejudges_without_resampling(applied, capsys):
     rubric = applied.root / "rubric.j2"
     rubric.write_text(rubric.read_text() + "Answer with a number.\n")
     r = applied.spar("apply", str(applied.spec), capsys=capsys)
-    assert {line.split(" / ")[1] for line in r.out.splitlines()} == JUDGE
+    assert {line.split(" / ")[1] for line in r.out.split("\n\n")[0].splitlines()} == JUDGE
     assert applied.calls_of("sample") == samples_before
     assert applied.calls_of("judge") == 2 * judged_before
 
@@ -342,6 +342,7 @@ ALTERNATIVES: dict[str, tuple[object, str]] = {
     "report.plot.dpi": (60, "param"),
     "report.plot.width": (5.0, "param"),
     "report.plot.height": (3.0, "param"),
+    "report.track": (None, "skip"),  # a new stage: test_track
     # issue 9: mixes, distillation, conditions, hygiene, sweeps
     "data.sources": (None, "skip"),  # replaces data.docs: test_sources
     "data.total": (None, "skip"),  # fraction mixes only: test_sources

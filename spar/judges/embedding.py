@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
 from spar.errors import RunError
 from spar.judges.base import BatchJournal, JudgeConfig, JudgeRequest, Verdict
+from spar.quiet import captured
+
+log = logging.getLogger(__name__)
 
 ABS_LOW, ABS_HIGH = 0.10, 0.55
 PAIR_HIGH = 0.35
@@ -46,7 +50,8 @@ def _load(name: str) -> tuple[Any, Any]:
     from transformers import AutoModel, AutoTokenizer
 
     path = model_dir(name)
-    return AutoTokenizer.from_pretrained(str(path)), AutoModel.from_pretrained(str(path)).eval()
+    with captured(log, "load " + name):  # its load report and progress bars: shown with -v
+        return AutoTokenizer.from_pretrained(str(path)), AutoModel.from_pretrained(str(path)).eval()
 
 
 def embed(name: str, texts: list[str]) -> Any:
