@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from spar import quiet
 from spar.errors import InputError, RunError
 from spar.store import RunStore, StoreError
 
@@ -39,6 +40,17 @@ def _load_plugins() -> None:
             importlib.import_module(name.strip())
         except ImportError as e:
             raise InputError(f"SPAR_PLUGINS: cannot import {name.strip()!r}: {e}") from None
+    from spar.plugins import load_entry_points  # installed plugins: spar.engines/judges/stages
+
+    load_entry_points()
+
+
+def _load_dotenv() -> None:
+    """`./.env` (KEY=value lines) into the environment, never over a variable already set. Only
+    the CLI does this; `PYTHON_DOTENV_DISABLED=1` turns it off."""
+    import dotenv
+
+    dotenv.load_dotenv(Path.cwd() / ".env", override=False)
 
 
 def _runs_dir(args: argparse.Namespace) -> Path:
@@ -51,7 +63,7 @@ def load_specs(paths: list[Path]) -> list[Any]:  # list[Spec]
     from spar.judges import judge_kinds, rubric
     from spar.models import check_local_model, check_renderer
     from spar.spec import load_spec
-    from spar.stages import generate, judge_also, logprob
+    from spar.stages import generate, judge_also, logprob, track
 
     specs = [load_spec(p) for p in paths]
     for path, spec in zip(paths, specs, strict=True):
@@ -77,6 +89,7 @@ def load_specs(paths: list[Path]) -> list[Any]:  # list[Spec]
         generate.validate(spec, str(path))
         logprob.validate(spec, str(path))  # logprob.template, when the spec has `logprob:`
         judge_also.validate(spec, str(path))  # judge.also: kinds and rubrics
+        track.validate(spec, str(path))  # report.track: the trackers' packages installed
     return specs
 
 
@@ -112,6 +125,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_apply(args: argparse.Namespace) -> int:
     from spar.apply import apply_plan
+    from spar.headline import headline_lines
     from spar.plan import check_budget
     from spar.stages.base import Flags
 
@@ -122,18 +136,21 @@ def cmd_apply(args: argparse.Namespace) -> int:
     if all(p.status == "fresh" for p in planned):
         store.hashes.save()
         print("nothing to do: every stage is fresh")
+        print("\n".join(headline_lines(load_specs(args.specs), store)))
         return 0
     with store.lock(wait=args.lock_timeout):
         planned = load_and_plan(args.specs, store, flags)  # another apply may have finished
         check_budget(planned, args.max_judge_calls)
         outcome = apply_plan(store, planned, flags)
         store.hashes.save()
+        headline = headline_lines(load_specs(args.specs), store)  # what `spar show` gives
     for p in outcome.ran:
         print(f"ran {p.node.experiment} / {p.node.name}")
     for p in outcome.restored:
         print(f"restored {p.node.experiment} / {p.node.name} (run cache)")
     if not outcome.ran and not outcome.restored:
         print("nothing to do: every stage is fresh")
+    print("\n".join(headline))  # per experiment: effects with intervals, report path
     if outcome.incomplete:
         parts = ", ".join(f"{k}: {n}" for k, n in outcome.incomplete.items())
         print(
@@ -211,10 +228,31 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_schema(args: argparse.Namespace) -> int:
-    from spar.spec import json_schema
+def cmd_export_inspect(args: argparse.Namespace) -> int:
+    from spar.export_inspect import export, require_inspect
 
-    print(json.dumps(json_schema(), indent=2))
+    require_inspect()
+    store = RunStore(_runs_dir(args))
+    specs = load_specs(args.specs)
+    planned = load_and_plan(args.specs, store)  # a stale or missing report is refused
+    for path in export(specs, planned, store, args.output, args.format):
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from spar.schema import check_schema, schema_text, write_schema
+
+    if args.check:
+        problem = check_schema(args.file)
+        if problem is not None:
+            print(f"spar: {problem}", file=sys.stderr)
+            return 1
+        print(f"{args.file}: up to date")
+    elif args.write:
+        print(f"wrote {args.file}" if write_schema(args.file) else f"{args.file}: up to date")
+    else:
+        print(schema_text(), end="")
     return 0
 
 
@@ -298,7 +336,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--confidence", type=float, default=0.95, help="interval level (0.95)")
     p.set_defaults(func=cmd_stats)
-    p = command("schema", "print the spec's JSON Schema")
+    p = command("export", "write experiments' results in another tool's format")
+    formats = p.add_subparsers(dest="target", required=True, metavar="FORMAT")
+    p = formats.add_parser(
+        "inspect",
+        help="an Inspect AI eval log per experiment (`inspect view` opens it)",
+        description="an Inspect AI eval log per experiment (`inspect view` opens it)",
+    )
+    _common(p, top=False)
+    with_specs(p)
+    p.add_argument("--output", type=Path, help="directory (default: runs/<experiment>/export/)")
+    p.add_argument("--format", choices=("eval", "json"), default="eval", help="log format")
+    p.set_defaults(func=cmd_export_inspect)
+    p = command("schema", "print the spec's JSON Schema (or write / check the repo's copy)")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--write", action="store_true", help="write it to --file")
+    how.add_argument("--check", action="store_true", help="exit 1 if --file is not up to date")
+    p.add_argument(
+        "--file",
+        type=Path,
+        default=Path("schema/spar-spec.schema.json"),
+        help="the schema file (default: schema/spar-spec.schema.json)",
+    )
     p.set_defaults(func=cmd_schema)
     return parser
 
@@ -308,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
+        _load_dotenv()
+        quiet.configure(verbose=args.verbose or args.debug)  # third parties' noise: only with -v
         _load_plugins()
         return int(args.func(args))
     except InputError as e:

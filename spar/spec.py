@@ -22,6 +22,7 @@ from spar.spec_logprob import LogprobSpec
 from spar.spec_reliability import AlsoJudgeSpec, SelfAgreementSpec, check_reliability
 from spar.spec_reliability import input_files as _reliability_files
 from spar.spec_reliability import resolve_paths as _resolve_reliability_paths
+from spar.spec_track import TrackSpec
 from spar.specfile import read_yaml
 
 
@@ -437,6 +438,9 @@ class ReportSpec(Strict):
         "(their reports are upstream of this plot stage; their paths are not hashed)",
     )
     plot: PlotSpec = PlotSpec()
+    track: TrackSpec | None = Field(
+        None, description="log each experiment to W&B and/or MLflow (a `track` stage after plot)"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -804,9 +808,7 @@ def sweep_points(spec: Spec, path: Path | str = "") -> list[tuple[dict[str, Any]
 
 
 def json_schema() -> dict[str, Any]:
-    schema = Spec.model_json_schema()
-    schema["properties"]["extends"] = {
-        "type": "string",
-        "description": "parent spec to deep-merge under this one (child wins)",
-    }
-    return schema
+    """The spec's JSON Schema (built in spar.schema: a child spec may leave sections out)."""
+    from spar.schema import json_schema as build
+
+    return build()

@@ -127,8 +127,11 @@ def _over_questions(d: _Design) -> tuple[float, float | None, float | None, str]
         means = np.array([q.mean() for q in d.seeds[0]])
         k = len(means)
         se = float(means.std(ddof=1) / np.sqrt(k)) if k > 1 else None
-        return float(means.mean()), se, (k - 1 if k > 1 else None), (
-            f"Student t over the {k} question means ({k - 1} df)"
+        return (
+            float(means.mean()),
+            se,
+            (k - 1 if k > 1 else None),
+            (f"Student t over the {k} question means ({k - 1} df)"),
         )
     if d.crossed:
         cells = np.array([[q.mean() for q in s] for s in d.seeds])  # seeds x questions
@@ -141,9 +144,14 @@ def _over_questions(d: _Design) -> tuple[float, float | None, float | None, str]
         var = (ms_s + ms_q) / (s_n * q_n)
         den = ms_s**2 / (s_n - 1) + ms_q**2 / (q_n - 1)
         df = (ms_s + ms_q) ** 2 / den if den > 0 else float((s_n - 1) + (q_n - 1))
-        return grand, float(np.sqrt(var)), df, (
-            f"t over {s_n} seeds × {q_n} questions crossed: variance (MS seeds + MS questions) "
-            f"/ (seeds · questions), Satterthwaite df ({df:.1f})"
+        return (
+            grand,
+            float(np.sqrt(var)),
+            df,
+            (
+                f"t over {s_n} seeds × {q_n} questions crossed: variance (MS seeds + MS questions) "
+                f"/ (seeds · questions), Satterthwaite df ({df:.1f})"
+            ),
         )
     seed_means = np.array([np.mean([q.mean() for q in s]) for s in d.seeds])
     return _seed_means(seed_means, "(each the mean of its question means)")
@@ -151,8 +159,11 @@ def _over_questions(d: _Design) -> tuple[float, float | None, float | None, str]
 
 def _seed_means(means: np.ndarray, what: str) -> tuple[float, float | None, float | None, str]:
     s_n = len(means)
-    return float(means.mean()), float(means.std(ddof=1) / np.sqrt(s_n)), s_n - 1, (
-        f"Student t over the {s_n} seed means {what} ({s_n - 1} df)"
+    return (
+        float(means.mean()),
+        float(means.std(ddof=1) / np.sqrt(s_n)),
+        s_n - 1,
+        (f"Student t over the {s_n} seed means {what} ({s_n - 1} df)"),
     )
 
 
@@ -168,8 +179,11 @@ def _over_samples(d: _Design) -> tuple[float, float | None, float | None, str]:
         return mean, None, None, f"no interval: one sample per {what}, no within-{what} spread"
     pooled = sum(float(((q - q.mean()) ** 2).sum()) for q in cells) / dof
     se = float(np.sqrt(pooled * sum(1 / len(q) for q in cells)) / c)
-    return mean, se, float(dof), (
-        f"t with the pooled within-{what} sample variance, {c} {what}s fixed ({dof} df)"
+    return (
+        mean,
+        se,
+        float(dof),
+        (f"t with the pooled within-{what} sample variance, {c} {what}s fixed ({dof} df)"),
     )
 
 

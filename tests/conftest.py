@@ -15,6 +15,7 @@ import yaml
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["PYTHON_DOTENV_DISABLED"] = "1"  # a ./.env of the checkout never reaches a test
 TESTS = Path(__file__).parent
 DATA = TESTS / "data"
 sys.path.insert(0, str(TESTS))

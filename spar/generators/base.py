@@ -83,9 +83,7 @@ def _lines(text: str) -> list[str]:
     return [_BULLET.sub("", line).strip() for line in text.splitlines() if line.strip()]
 
 
-def parse_items(
-    text: str, n: int, turns: int, structured: bool = False
-) -> tuple[list[Item], str]:
+def parse_items(text: str, n: int, turns: int, structured: bool = False) -> tuple[list[Item], str]:
     """The usable items of a reply (at most n, no empty text, no repeats) and, when there are
     none, what was wrong. JSON `{"items": [...]}` (or a list) first; else (unless the reply was
     asked for as `structured` output) plain text: the whole reply for one single-message item,

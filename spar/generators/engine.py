@@ -49,9 +49,7 @@ class EngineGenerator:
         from spar.stages.draw import Drawn, draw
 
         renderer = load_renderer(self.renderer_name, self.model)
-        client = get_engine(self.engine, self.workdir).create_sampling_client(
-            base_model=self.model
-        )
+        client = get_engine(self.engine, self.workdir).create_sampling_client(base_model=self.model)
         prompts = [
             renderer.build_generation_prompt([*self.system, {"role": "user", "content": r.prompt}])
             for r in requests

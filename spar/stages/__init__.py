@@ -21,6 +21,7 @@ _BUILTIN = (
     "spar.stages.report:ReportStage",
     "spar.stages.sweep_report:SweepReportStage",
     "spar.stages.plot:PlotStage",
+    "spar.stages.track:TrackStage",
 )
 _kinds: list[StageKind[Any, Any]] = []
 _plugins: list[StageKind[Any, Any]] = []

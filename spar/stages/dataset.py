@@ -213,8 +213,6 @@ class SourceParams(AddedFields):
     added: ClassVar[dict[str, Any]] = {"generate": None}
 
 
-
-
 class DatasetParams(Params):
     # fields only a mix has (and `format`, which only a single file has, and a generated set):
     # left out when unset, so a `data.docs` spec's params and fingerprint are as before mixes

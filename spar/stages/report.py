@@ -212,8 +212,8 @@ def ci_words(p: ReportParams, seeded: bool) -> str:
             " answered by a new seed (a new training run)" if seeded else ""
         )
     else:
-        what = "these questions" + (" and seeds" if seeded else "") + (
-            " fixed, new answers sampled"
+        what = (
+            "these questions" + (" and seeds" if seeded else "") + (" fixed, new answers sampled")
         )
     return f"{p.confidence * 100:g}% t interval generalising to {what}"
 
