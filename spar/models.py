@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +105,12 @@ def _convert_gguf(gguf: Path, dest: Path) -> None:
             del model.config.quantization_config
         model.save_pretrained(tmp, safe_serialization=True)
         _tokenizer_from_gguf(gguf).save_pretrained(tmp)
-    tmp.rename(dest)
+    try:
+        tmp.rename(dest)
+    except OSError:
+        if not (dest / "config.json").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process converted it first: same bytes
 
 
 def smollm2_dir() -> Path:
@@ -132,8 +138,41 @@ def local_model_dir(base_model: str) -> Path | None:
     return None
 
 
-@functools.cache
+# Tokenizers and renderers are kept per thread: a Hugging Face fast tokenizer used by two threads
+# at once fails ("Already borrowed"), and `apply --jobs` runs stages in threads.
+_per_thread = threading.local()
+
+
+def _thread_cache(name: str) -> dict[tuple[str, ...], Any]:
+    cache = getattr(_per_thread, name, None)
+    if cache is None:
+        cache = {}
+        setattr(_per_thread, name, cache)
+    return cache
+
+
+def warm_imports() -> None:
+    """Import, in this thread, what stages import lazily (transformers' auto classes,
+    tinker-cookbook's renderers): two threads importing `transformers` for the first time at once
+    can fail ("cannot import name 'AutoTokenizer'"), so `apply --jobs` calls this before it starts
+    stages side by side."""
+    import tinker_cookbook.renderers
+    import tinker_cookbook.supervised.data
+    import transformers
+
+    for name in ("AutoTokenizer", "AutoModel", "AutoModelForCausalLM", "PreTrainedTokenizerFast"):
+        getattr(transformers, name)
+    del tinker_cookbook
+
+
 def load_tokenizer(base_model: str) -> Any:
+    cache = _thread_cache("tokenizers")
+    if (base_model,) not in cache:
+        cache[(base_model,)] = _load_tokenizer(base_model)
+    return cache[(base_model,)]
+
+
+def _load_tokenizer(base_model: str) -> Any:
     local = local_model_dir(base_model)
     if local is not None:
         from transformers import AutoTokenizer
@@ -144,11 +183,14 @@ def load_tokenizer(base_model: str) -> Any:
     return get_tokenizer(base_model)
 
 
-@functools.cache
 def load_renderer(renderer: str, base_model: str) -> Any:
     from tinker_cookbook.renderers import get_renderer
 
-    return get_renderer(renderer, load_tokenizer(base_model), model_name=base_model)
+    cache = _thread_cache("renderers")
+    if (renderer, base_model) not in cache:
+        tokenizer = load_tokenizer(base_model)
+        cache[(renderer, base_model)] = get_renderer(renderer, tokenizer, model_name=base_model)
+    return cache[(renderer, base_model)]
 
 
 # ------------------------------------------------------------------------------ validation

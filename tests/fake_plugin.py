@@ -13,6 +13,7 @@ import json
 import os
 import re
 import signal
+import threading
 from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,6 +62,8 @@ class FakeTraining:
         import numpy as np
         import tinker
 
+        if os.environ.get("FAKE_FAIL_TRAIN"):
+            raise RuntimeError(os.environ["FAKE_FAIL_TRAIN"])
         _log("forward_backward", n=len(data))
         lp = -2.0 / (1.0 + self.state["steps"])
         outs = [
@@ -147,6 +150,8 @@ class FakeSampling:
     def sample(
         self, prompt: tinker.ModelInput, num_samples: int, sampling_params: tinker.SamplingParams
     ) -> Future:
+        if os.environ.get("FAKE_FAIL_SAMPLE"):
+            raise RuntimeError(os.environ["FAKE_FAIL_SAMPLE"])
         h = int(
             hash_json(
                 [self.seed_ref, prompt.to_ints(), sampling_params.seed, sampling_params.temperature]
@@ -281,7 +286,66 @@ class PropertyKeywordJudge:
             yield i, Verdict(score=score, reasoning=f"{hits} x {name!r}", status="ok")
 
 
+def _wait_for(events: tuple[str, ...], stage: str) -> None:
+    """Poll the stage log ($FAKE_STAGE_LOG) until it records one of `events` of `stage`."""
+    log_path = Path(os.environ["FAKE_STAGE_LOG"])
+    for _ in range(600):
+        lines = log_path.read_text().splitlines() if log_path.exists() else []
+        if any(e["event"] in events and e["stage"] == stage for e in map(json.loads, lines)):
+            return
+        threading.Event().wait(0.1)  # polls the log; no assertion depends on timing
+    raise RuntimeError(f"fake-remote: no {'/'.join(events)} {stage} in the stage log")
+
+
+class _WaitingTraining(FakeTraining):
+    """Training that, before its first batch, waits until the stage log says the stage
+    $FAKE_TRAIN_WAITS_FOR finished (or failed): that stage can only end while this one runs."""
+
+    waited = False
+
+    def forward_backward(self, data: list[tinker.Datum], loss_fn: str) -> Future:
+        if not self.waited:
+            self.waited = True
+            _wait_for(("finished", "failed"), os.environ["FAKE_TRAIN_WAITS_FOR"])
+        return super().forward_backward(data, loss_fn)
+
+
+class _WaitingSampling(FakeSampling):
+    """Sampling that, before its first sample, waits until the stage log says `train` started."""
+
+    waited = False
+
+    def sample(
+        self, prompt: tinker.ModelInput, num_samples: int, sampling_params: tinker.SamplingParams
+    ) -> Future:
+        if not self.waited:
+            self.waited = True
+            _wait_for(("started",), "train")
+        return super().sample(prompt, num_samples, sampling_params)
+
+
+class FakeRemoteEngine(FakeEngine):
+    """The fake engine declared as a remote service (`device = None`): its stages run at once."""
+
+    device = None
+
+    def create_lora_training_client(
+        self, base_model: str, rank: int, seed: int | None = None
+    ) -> FakeTraining:
+        if os.environ.get("FAKE_TRAIN_WAITS_FOR"):
+            return _WaitingTraining(self.workdir, base_model, rank, seed)
+        return FakeTraining(self.workdir, base_model, rank, seed)
+
+    def create_sampling_client(
+        self, model_path: str | None = None, base_model: str | None = None
+    ) -> FakeSampling:
+        if os.environ.get("FAKE_TRAIN_WAITS_FOR") and model_path is None:
+            return _WaitingSampling(model_path, base_model)
+        return FakeSampling(model_path, base_model)
+
+
 register_engine("fake", FakeEngine)
+register_engine("fake-remote", FakeRemoteEngine)
 register_judge("keyword", KeywordJudge)
 register_judge("hygiene", HygieneJudge)
 register_judge("propkw", PropertyKeywordJudge)

@@ -15,6 +15,19 @@ register_judge = _JUDGES.register
 judge_kinds = _JUDGES.names
 
 
+# As engines (spar.engines.engine_device): the device a judge kind computes on in this process, or
+# None for a remote service; plugins declare a `device` attribute on their factory.
+_DEVICES: dict[str, str | None] = {"anthropic": None, "embedding": "cpu"}
+
+
+def judge_device(kind: str) -> str | None:
+    from spar.engines import LOCAL_DEVICE
+
+    if kind in _DEVICES:
+        return _DEVICES[kind]
+    return getattr(_JUDGES.factory(kind), "device", LOCAL_DEVICE)
+
+
 def judge_factory(kind: str) -> JudgeFactory:
     """The factory registered for a judge kind (its `receives` says which settings it sends)."""
     return _JUDGES.factory(kind)

@@ -13,6 +13,7 @@ item memo keys = hash(kind, item_version, params less `collection`/`validity` fi
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
@@ -142,6 +143,14 @@ class RunContext(Generic[P, O]):
     kind: StageKind[P, O]
     name: str = ""
     flags: Flags = field(default_factory=Flags)
+    # set when another stage of this apply failed: a long loop stops sending new work, lets what is
+    # in flight be journaled, and raises `Stopped`
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def stopping(self) -> None:
+        """Raise `Stopped` if this apply is stopping (call between items or steps)."""
+        if self.stop.is_set():
+            raise Stopped(f"stage {self.name}: stopped (another stage failed)")
 
     def upstream_file(self, role: str, name: str) -> Path:
         return self.upstream[role] / name
@@ -151,6 +160,11 @@ class RunContext(Generic[P, O]):
 
     def scratch(self, *parts: str) -> Path:
         return self.store.scratch(*parts)
+
+
+class Stopped(RuntimeError):
+    """A stage left off because another stage of the same apply failed (its journaled work
+    stays; the next apply continues it)."""
 
 
 @dataclass
@@ -200,6 +214,16 @@ class StageKind(Generic[P, O]):
     ) -> dict[str, int]:
         """What running this stage would cost (calls, tokens); {} when nothing is billed."""
         return {}
+
+    def devices(self, node: StageNode[P, O]) -> frozenset[str]:
+        """The local devices this stage computes on: `apply` runs one such stage at a time per
+        device, while stages of remote services (Tinker, Claude) and light stages run at once.
+        By default, the device of the engine its params name (none: no engine)."""
+        from spar.engines import engine_device
+
+        engine = getattr(node.params, "engine", None)
+        device = engine_device(engine) if isinstance(engine, str) else None
+        return frozenset() if device is None else frozenset({device})
 
     def run(self, ctx: RunContext[P, O]) -> StageResult:
         """Do the work; return the bytes of every output (the store writes them)."""

@@ -267,6 +267,14 @@ class GenerateStage(StageKind[GenerateParams, GenerateOptions]):
     outputs: ClassVar[tuple[str, ...]] = (RECORDS,)
     params_model = GenerateParams
 
+    def devices(self, node: StageNode[GenerateParams, GenerateOptions]) -> frozenset[str]:
+        from spar.engines import engine_device
+        from spar.generators import ANTHROPIC
+
+        kind = node.params.generator
+        device = None if kind == ANTHROPIC else engine_device(kind)
+        return frozenset() if device is None else frozenset({device})
+
     def nodes(
         self, spec: Spec, g: GraphContext
     ) -> list[StageNode[GenerateParams, GenerateOptions]]:

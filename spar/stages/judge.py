@@ -242,6 +242,12 @@ class JudgeStage(StageKind[JudgeParams, JudgeOptions]):
     outputs: ClassVar[tuple[str, ...]] = ("judged.jsonl",)
     params_model = JudgeParams
 
+    def devices(self, node: StageNode[JudgeParams, JudgeOptions]) -> frozenset[str]:
+        from spar.judges import judge_device
+
+        device = judge_device(node.params.kind)
+        return frozenset() if device is None else frozenset({device})
+
     def nodes(self, spec: Spec, g: GraphContext) -> list[StageNode[JudgeParams, JudgeOptions]]:
         from spar.judges import judge_factory
         from spar.judges.base import receives
@@ -358,13 +364,14 @@ class JudgeStage(StageKind[JudgeParams, JudgeOptions]):
                 ),
             )
             judge = get_judge(config, batch=o.batch, journal=ctx.store.state.batch_journal(p.kind))
-            bar = tqdm(total=len(todo), desc="judge", leave=False)
+            bar = tqdm(total=len(todo), desc=ctx.name or self.kind, leave=False)
             for pos, verdict in judge.judge_many([requests[i][1] for i in todo], o.concurrency):
                 key = keys[todo[pos]]
                 if verdict.status != "error":
                     memo.put(key, verdict.model_dump())
                 verdicts[key] = verdict.model_dump()
                 bar.update(1)
+                ctx.stopping()  # another stage failed: leave off here (this verdict is kept)
             bar.close()
         rows = verdict_rows(requests, keys, verdicts)
         if "judge_base" in ctx.upstream:  # absolute: the baseline's verdicts, then this stage's

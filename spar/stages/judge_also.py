@@ -187,6 +187,12 @@ class JudgeAlsoStage(StageKind[AlsoParams, JudgeOptions]):
     outputs: ClassVar[tuple[str, ...]] = ("judged.jsonl",)
     params_model = AlsoParams
 
+    def devices(self, node: StageNode[AlsoParams, JudgeOptions]) -> frozenset[str]:
+        from spar.judges import judge_device
+
+        device = judge_device(node.params.kind)
+        return frozenset() if device is None else frozenset({device})
+
     def nodes(self, spec: Spec, g: GraphContext) -> list[StageNode[AlsoParams, JudgeOptions]]:
         out: list[StageNode[AlsoParams, JudgeOptions]] = []
         for s in extra_setups(spec):
@@ -282,6 +288,7 @@ class JudgeAlsoStage(StageKind[AlsoParams, JudgeOptions]):
                     memo.put(key, verdict.model_dump())
                 verdicts[key] = verdict.model_dump()
                 bar.update(1)
+                ctx.stopping()  # another stage failed: leave off here (this verdict is kept)
             bar.close()
         rows = verdict_rows(requests, keys, verdicts)
         if "judge_base" in ctx.upstream:  # the baseline's verdicts, then this stage's

@@ -8,6 +8,8 @@ under `runs/.spar/`: `state.db` (item memo, hash cache, batch and training journ
 from __future__ import annotations
 
 import contextlib
+import json
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,8 @@ from spar.store.hashing import (
     seed_of,
 )
 from spar.store.state import State
+
+STAGE_LOG = "stages.jsonl"
 
 
 class StoreError(RuntimeError):
@@ -78,6 +82,7 @@ class RunStore:
         self.state = State(self.internal / "state.db")
         self.hashes = HashCache(self.state)
         self.cache = RunCache(self.internal / "cache")
+        self._log_lock = threading.Lock()
 
     def stage_dir(self, experiment: str, stage: str) -> Path:
         return self.root / experiment / stage
@@ -132,6 +137,17 @@ class RunStore:
         self, manifest: CacheManifest, experiment: str, stage: str
     ) -> dict[str, ParamsRecord] | None:
         return self.cache.restore(manifest, self.stage_dir(experiment, stage), experiment, stage)
+
+    def stage_event(self, event: str, experiment: str, stage: str, **fields: Any) -> None:
+        """Append one line to the stage log (`.spar/stages.jsonl`): what started, finished,
+        was restored, failed or stopped, in the order it happened (line order)."""
+        line = json.dumps(
+            {"time": now_iso(), "event": event, "experiment": experiment, "stage": stage, **fields}
+        )
+        with self._log_lock:
+            self.internal.mkdir(parents=True, exist_ok=True)
+            with (self.internal / STAGE_LOG).open("a") as f:
+                f.write(redact(line) + "\n")
 
     def close(self) -> None:
         self.state.close()

@@ -1,0 +1,78 @@
+"""A stand-in for a remote service: an HTTP reverse proxy on 127.0.0.1 that adds a fixed latency
+in front of a local server (the skyrl Tinker server, the local Messages server).
+
+Every request waits `latency` seconds, then is forwarded as is (method, path, headers, body) and
+the upstream's reply is returned as is. Each request has its own thread, so concurrent requests
+overlap their latency the way requests to a distant service do.
+
+    with LatencyProxy("http://127.0.0.1:8123", latency=1.0) as proxy:
+        os.environ["TINKER_BASE_URL"] = proxy.url
+"""
+
+from __future__ import annotations
+
+import http.client
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from urllib.parse import urlsplit
+
+HOP = {"connection", "keep-alive", "transfer-encoding", "te", "upgrade", "proxy-connection"}
+
+
+class LatencyProxy:
+    def __init__(self, upstream: str, latency: float) -> None:
+        target = urlsplit(upstream)
+        if target.hostname != "127.0.0.1":
+            raise ValueError(f"latency proxy: only 127.0.0.1 upstreams ({upstream})")
+        host, port = target.hostname, target.port or 80
+        self.requests = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def _forward(self) -> None:
+                outer.requests += 1
+                length = int(self.headers.get("content-length") or 0)
+                body = self.rfile.read(length) if length else None
+                time.sleep(latency)  # the simulated distance to the service
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP}
+                conn = http.client.HTTPConnection(host, port, timeout=600)
+                try:
+                    conn.request(self.command, self.path, body=body, headers=headers)
+                    reply = conn.getresponse()
+                    data = reply.read()
+                finally:
+                    conn.close()
+                self.send_response(reply.status, reply.reason)
+                for k, v in reply.getheaders():
+                    if k.lower() not in HOP and k.lower() != "content-length":
+                        self.send_header(k, v)
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _forward
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> LatencyProxy:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.server.shutdown()
+        self.server.server_close()
