@@ -27,6 +27,8 @@ examples:
   spar apply experiments/demo.yaml         run exactly what is not fresh
   spar show experiments/demo.yaml experiments/demo-negative.yaml
   spar gc experiments/*.yaml               cached outputs no listed spec uses (dry run)
+  spar push experiments/demo.yaml          share its outputs and paid items ($SPAR_REMOTE)
+  spar pull experiments/demo.yaml          a teammate's results, restored (0 paid calls)
 
 Outputs go to ./runs (or --runs-dir / $SPAR_RUNS_DIR): runs/<experiment>/<stage>/, a params
 file beside every output. Exit codes: 0 ok, 2 bad input (nothing written), 1 a run failed.
@@ -123,6 +125,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_JOBS = 4
+
+
+def _positive_int(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {n})")
+    return n
+
+
 def cmd_apply(args: argparse.Namespace) -> int:
     from spar.apply import apply_plan
     from spar.headline import headline_lines
@@ -141,7 +153,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     with store.lock(wait=args.lock_timeout):
         planned = load_and_plan(args.specs, store, flags)  # another apply may have finished
         check_budget(planned, args.max_judge_calls)
-        outcome = apply_plan(store, planned, flags)
+        outcome = apply_plan(store, planned, flags, jobs=args.jobs)
         store.hashes.save()
         headline = headline_lines(load_specs(args.specs), store)  # what `spar show` gives
     for p in outcome.ran:
@@ -182,6 +194,54 @@ def cmd_gc(args: argparse.Namespace) -> int:
     if not args.yes and report.entries:
         print("dry run: add --yes to delete")
     return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    """Upload run-cache outputs (the specs' stages, or all) and memo items to the remote."""
+    from spar.store.remote import open_remote, push, remote_url, save_fresh
+
+    remote = open_remote(remote_url(args.remote))
+    store = RunStore(_runs_dir(args))
+    fingerprints: set[str] | None = None
+    if args.specs:
+        planned = load_and_plan(args.specs, store)  # everything validates before any upload
+        save_fresh(store, planned)
+        fingerprints = {p.fingerprint for p in planned}
+    report = push(store, remote, fingerprints)
+    store.hashes.save()
+    for line in report.lines():
+        print(line)
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    """Download the remote's outputs (the specs' stages, or all) and memo items; with specs,
+    restore their stages into the runs directory (then `spar plan` says fresh)."""
+    from spar.store.remote import open_remote, pull, remote_url, restore_layout
+
+    remote = open_remote(remote_url(args.remote))
+    store = RunStore(_runs_dir(args))
+    planned = load_and_plan(args.specs, store) if args.specs else None
+    with store.lock(wait=args.lock_timeout):
+        report = pull(store, remote, None if planned is None else {p.fingerprint for p in planned})
+        if args.specs:
+            report.restored = restore_layout(store, load_and_plan(args.specs, store))
+        store.hashes.save()
+    for line in report.lines():
+        print(line)
+    for warning in report.warnings:
+        print(f"spar: warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def cmd_apply_remote(args: argparse.Namespace) -> int:
+    """`apply --remote URL`: pull what the specs need, apply, push what it made."""
+    if not args.remote:
+        return cmd_apply(args)
+    cmd_pull(args)
+    code = cmd_apply(args)
+    cmd_push(args)  # also after items ended in error: what was paid for is shared
+    return code
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -310,7 +370,20 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="ask the judge again for every verdict recorded as invalid",
     )
-    p.set_defaults(func=cmd_apply)
+    p.add_argument(
+        "--jobs",
+        type=_positive_int,
+        default=DEFAULT_JOBS,
+        metavar="N",
+        help=f"stages run at once when their upstream is done (default {DEFAULT_JOBS}); "
+        "the local engine and local judges still run one heavy stage at a time",
+    )
+    p.add_argument(
+        "--remote",
+        metavar="URL",
+        help="team cache (any fsspec URL, e.g. s3://bucket/prefix): pull before, push after",
+    )
+    p.set_defaults(func=cmd_apply_remote)
     p = command("show", "compare experiments: differing params + effects with CIs")
     with_specs(p)
     p.add_argument("--json", action="store_true", help="machine-readable rows")
@@ -319,6 +392,23 @@ def build_parser() -> argparse.ArgumentParser:
     with_specs(p)
     p.add_argument("--yes", action="store_true", help="really delete (default: a dry run)")
     p.set_defaults(func=cmd_gc)
+    remote_help = "the remote cache: any fsspec URL (default $SPAR_REMOTE)"
+    p = command("push", "upload run-cache outputs and memo items to the team's remote cache")
+    p.add_argument("specs", nargs="*", type=Path, metavar="SPEC", help="only these (default: all)")
+    p.add_argument("--remote", metavar="URL", help=remote_help)
+    p.set_defaults(func=cmd_push)
+    p = command("pull", "download outputs and memo items from the team's remote cache")
+    p.add_argument(
+        "specs", nargs="*", type=Path, metavar="SPEC", help="only these, and restore them"
+    )
+    p.add_argument("--remote", metavar="URL", help=remote_help)
+    p.add_argument(
+        "--lock-timeout",
+        type=float,
+        default=None,
+        help="seconds to wait for an apply on the same runs dir (default: wait)",
+    )
+    p.set_defaults(func=cmd_pull)
     p = command("plot", "overlay judged.jsonl files in one chart by tier")
     p.add_argument("results", nargs="+", type=Path, metavar="JUDGED_JSONL")
     p.add_argument("--labels", nargs="+", help="one label per file (default: its directory)")
