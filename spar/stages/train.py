@@ -33,6 +33,18 @@ weights are saved for sampling (`save_weights_for_sampler`, named `<run>-step<NN
 journaled (a `sampler<NNNNNN>` row in `checkpoints.jsonl`, no state: not a resume point). A listed
 step equal to the total is the final weights. A resumed run keeps those saved before its state
 and saves again those it redoes; `checkpoint.json`'s `checkpoints` maps each step to its path.
+
+Pipelined (tinker-cookbook's pattern): batch k + 1's forward_backward and optim_step are sent
+before batch k's results are awaited (`LoopConfig.pipeline_depth` batches ahead, 1 by default; 0
+is the serial loop), so a remote service never idles between steps while a result travels back.
+The server executes one client's requests in the order they were sent: batch k, then what is due
+after it (the held-out forward, the sampler weights, the state), then batch k + 1 — the same
+requests in the same order as the serial loop, hence the same losses and weights. Results are
+awaited and journaled in step order, a checkpoint row only once its save answered, and a
+`save_state` drains the pipeline before the next batch is sent: a resume point still means
+"batches before it applied, none after", and a crash loses at most the batches since it. An
+intermediate checkpoint's `save_weights_for_sampler` drains it too (the SDK orders that request
+only when it is sent, so the next batch could overtake it).
 """
 
 from __future__ import annotations
@@ -40,14 +52,15 @@ from __future__ import annotations
 import logging
 import math
 import random
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
-from spar.engines.base import Engine, TrainingClient
+from spar.engines.base import Engine, Future, TrainingClient
 from spar.errors import InputError, RunError
 from spar.stages.base import (
     Flags,
@@ -58,6 +71,7 @@ from spar.stages.base import (
     StageKind,
     StageNode,
     StageResult,
+    Stopped,
     key,
 )
 from spar.stages.dataset import apportion, row_to_datum
@@ -87,6 +101,7 @@ class CheckpointRecord(BaseModel):
 
 
 Schedule = Literal["linear", "constant", "cosine"]
+PIPELINE_DEPTH = 1  # tinker-cookbook's submit_ahead: batch k+1 goes out before k's results
 
 
 class LoopConfig(BaseModel):
@@ -104,6 +119,9 @@ class LoopConfig(BaseModel):
     save_every: int = 0
     eval_every: int = 0  # held-out NLL every N steps and at the end (when there is a test split)
     checkpoints: tuple[int, ...] = ()  # steps whose weights are saved for sampling
+    # batches submitted before the results of the one before them are awaited (0: the serial
+    # loop). Not a training parameter: the same requests reach the server in the same order.
+    pipeline_depth: int = Field(PIPELINE_DEPTH, ge=0)
 
 
 def warmup_steps(warmup_ratio: float, total_steps: int) -> int:
@@ -168,10 +186,22 @@ def held_out_nll(client: TrainingClient, datums: list[Any], batch_size: int) -> 
     sum(-logprob x weight) / sum(weight) over all of them (tinker-cookbook's NLL evaluator), from
     `forward(..., "cross_entropy")` in chunks of `batch_size` (every request sent before the
     first result is awaited). nan when the datums have no target token."""
+    return collect_nll(submit_forwards(client, datums, batch_size))
+
+
+def submit_forwards(
+    client: TrainingClient, datums: list[Any], batch_size: int
+) -> list[tuple[Future, list[Any]]]:
+    """`forward(..., "cross_entropy")` of `datums` in chunks of `batch_size`, every request sent
+    and none awaited: (future, chunk) pairs for `collect_nll`."""
     chunks = [datums[i : i + batch_size] for i in range(0, len(datums), batch_size)]
-    futures = [client.forward(chunk, "cross_entropy") for chunk in chunks]
+    return [(client.forward(chunk, "cross_entropy"), chunk) for chunk in chunks]
+
+
+def collect_nll(forwards: list[tuple[Future, list[Any]]]) -> float:
+    """The held-out NLL per target token of `submit_forwards`' requests (see `held_out_nll`)."""
     nll = weight = 0.0
-    for fut, chunk in zip(futures, chunks, strict=True):
+    for fut, chunk in forwards:
         for out, datum in zip(fut.result().loss_fn_outputs, chunk, strict=True):
             logprobs = out["logprobs"].tolist()
             weights = datum.loss_fn_inputs["weights"].tolist()
@@ -292,6 +322,20 @@ def saved_checkpoints(
     return {c: saved[c] for c in cfg.checkpoints if c in saved}
 
 
+@dataclass
+class _InFlight:
+    """A batch submitted to the training client whose results are not yet journaled."""
+
+    step: int
+    datums: list[Any]
+    lr: float
+    fb: Future
+    opt: Future
+    evals: list[tuple[Future, list[Any]]] | None = None  # held-out forwards after its update
+    sampler: Future | None = None  # save_weights_for_sampler of checkpoint step + 1
+    state: Future | None = None  # save_state after it (a resume point)
+
+
 def train_loop(
     engine: Engine,
     base_model: str,
@@ -301,6 +345,7 @@ def train_loop(
     journal: TrainJournal,
     on_step: Callable[[dict[str, Any]], None] | None = None,
     test_rows: list[dict[str, Any]] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
     """Train, resuming from the last state an interrupted run saved in `journal`.
 
@@ -311,6 +356,13 @@ def train_loop(
     The learning-rate schedule is a function of the global step, so a resumed run continues it
     where it stopped. `test_rows` (the held-out split): evaluated as the module doc says; the
     `cfg.checkpoints` steps' weights are saved for sampling (see there).
+
+    Pipelined (`cfg.pipeline_depth`, as the module doc says): `on_step` is called in step order
+    as each batch's results are awaited, when up to `pipeline_depth` later batches may already
+    have been submitted; its row is journaled before it is called.
+
+    `stop()` true (another stage of the apply failed): no further batch is sent; what was sent
+    is awaited and journaled, the state saved (a resume point) and `Stopped` raised.
     """
     import tinker
     from tqdm import tqdm
@@ -354,42 +406,85 @@ def train_loop(
     start_nll = None
     if test and start == 0 and cfg.eval_every > 0:  # the base model: where the curve starts
         start_nll = held_out_nll(client, test, cfg.batch_size)
-    for step in tqdm(
-        range(start, total), desc="train", unit="step", leave=False, initial=start, total=total
-    ):
-        batch = plan[step]
-        datums = [row_to_datum(r) for r in batch]
+
+    def submit(step: int) -> _InFlight:
+        """Batch `step`'s requests, then those due at the boundary after it, in the order the
+        server executes them; nothing awaited."""
+        datums = [row_to_datum(r) for r in plan[step]]
         lr = learning_rate(cfg, step, total)
         fb = client.forward_backward(datums, "cross_entropy")
         opt = client.optim_step(tinker.AdamParams(learning_rate=lr))
-        loss = mean_nll(fb.result(), datums)
-        opt.result()
+        flight = _InFlight(step, datums, lr, fb, opt)
+        if test and eval_due(step, total, cfg.eval_every):
+            flight.evals = submit_forwards(client, test, cfg.batch_size)
+        name = f"{run_id}-step{step + 1:06d}"
+        if step + 1 in cfg.checkpoints and step + 1 < total:
+            flight.sampler = client.save_weights_for_sampler(name)
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
+            flight.state = client.save_state(name)
+        return flight
+
+    def finish(flight: _InFlight) -> None:
+        """Await one submitted batch and journal it: its metrics row, then its saves."""
+        step, datums = flight.step, flight.datums
+        loss = mean_nll(flight.fb.result(), datums)
+        flight.opt.result()
         if not math.isfinite(loss):
             log.warning("%s: step %d: loss is %s (training diverged?)", run_id, step, loss)
-        row = {
+        row: dict[str, Any] = {
             "step": step,
-            "learning_rate": lr,
+            "learning_rate": flight.lr,
             "loss": loss,
             "target_tokens": target_tokens(datums),
-            "batch_size": len(batch),
+            "batch_size": len(datums),
         }
-        if test and eval_due(step, total, cfg.eval_every):
-            row["test_nll"] = held_out_nll(client, test, cfg.batch_size)
+        if flight.evals is not None:
+            row["test_nll"] = collect_nll(flight.evals)
         if step == 0 and start_nll is not None:
             row["test_nll_start"] = start_nll
         metrics.append(row)
         journal.step(row)
         if on_step is not None:
             on_step(row)
-        if step + 1 in cfg.checkpoints and step + 1 < total:
-            name = f"{SAMPLER}{step + 1:06d}"
-            path = client.save_weights_for_sampler(f"{run_id}-step{step + 1:06d}").result().path
-            journal.checkpoint(name, step + 1, sampler_path=path)
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
-            path = client.save_state(f"{run_id}-step{step + 1:06d}").result().path
+        if flight.sampler is not None:
+            path = flight.sampler.result().path
+            journal.checkpoint(f"{SAMPLER}{step + 1:06d}", step + 1, sampler_path=path)
+        if flight.state is not None:
+            path = flight.state.result().path
             journal.checkpoint(f"step{step + 1:06d}", step + 1, state_path=path)
-    state = client.save_state(f"{run_id}-final").result().path
-    sampler = client.save_weights_for_sampler(f"{run_id}-final").result().path
+
+    # Up to `pipeline_depth` batches are submitted ahead of the one awaited. The server executes
+    # a client's requests in submission order, so batch k's results are those of the serial
+    # loop; they are journaled in step order, a save only after its result came back (every
+    # step before it is journaled by then): the journal still reads "batches before the saved
+    # state applied, none after". A save_state drains the pipeline before the next batch goes
+    # out, so a crash redoes at most the batches since the last saved state, as serially. So
+    # does a save_weights_for_sampler: the tinker SDK (0.38) takes its place in the client's
+    # request order only when its coroutine runs on the SDK's thread, so a batch sent right
+    # after it could overtake it (and the checkpoint would hold the next update).
+    pending: deque[_InFlight] = deque()
+    with tqdm(desc="train", unit="step", leave=False, initial=start, total=total) as bar:
+        for step in range(start, total):
+            if stop is not None and stop():
+                while pending:
+                    finish(pending.popleft())
+                saved = {int(r["batch"]) for r in journal.checkpoints() if r.get("state_path")}
+                if step > start and step not in saved:  # the next apply resumes here
+                    path = client.save_state(f"{run_id}-step{step:06d}").result().path
+                    journal.checkpoint(f"step{step:06d}", step, state_path=path)
+                raise Stopped(f"{run_id}: stopped after {step} of {total} batches")
+            pending.append(submit(step))
+            drain = pending[-1].state is not None or pending[-1].sampler is not None
+            while pending and (drain or len(pending) > cfg.pipeline_depth):
+                finish(pending.popleft())
+                bar.update(1)
+        final_state = client.save_state(f"{run_id}-final")
+        final_sampler = client.save_weights_for_sampler(f"{run_id}-final")
+        while pending:
+            finish(pending.popleft())
+            bar.update(1)
+    state = final_state.result().path
+    sampler = final_sampler.result().path
     journal.checkpoint("final", total, state_path=state, sampler_path=sampler, final=True)
     saved = saved_checkpoints(journal, cfg, total, sampler)
     return TrainResult(sampler, state, metrics, resumed_at=start, checkpoints=saved)
@@ -622,7 +717,9 @@ class TrainStage(StageKind[TrainParams, TrainOptions]):
         engine = get_engine(p.engine, ctx.scratch("engines", p.engine))
         rid = run_id(ctx.fingerprint)
         journal = TrainJournal(ctx.store.state, ctx.fingerprint, ctx.scratch("train", rid))
-        result = train_loop(engine, o.base_model, rows, cfg, rid, journal, test_rows=test)
+        result = train_loop(
+            engine, o.base_model, rows, cfg, rid, journal, test_rows=test, stop=ctx.stop.is_set
+        )
         record = CheckpointRecord(
             engine=p.engine,
             base_model=o.base_model,
