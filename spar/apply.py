@@ -119,12 +119,22 @@ class _Failure:
 
 
 class StagesFailed(RunError):
-    """More than one stage of an apply failed: every one is named."""
+    """More than one stage of an apply failed: every one is named. Stages that failed for the
+    same reason (an unreachable service) share one line."""
 
     def __init__(self, failures: list[_Failure]) -> None:
         self.failures = failures
-        lines = [f"{f.stage.node.experiment} / {f.stage.node.name}: {f.error}" for f in failures]
-        super().__init__(f"{len(failures)} stages failed:\n  " + "\n  ".join(lines))
+        by_reason: dict[str, list[str]] = {}
+        for f in failures:
+            reason = str(f.error).splitlines()[0] if str(f.error) else type(f.error).__name__
+            by_reason.setdefault(reason, []).append(
+                f"{f.stage.node.experiment} / {f.stage.node.name}"
+            )
+        lines = [f"{', '.join(stages)}: {reason}" for reason, stages in by_reason.items()]
+        if len(lines) == 1:
+            super().__init__(f"{len(failures)} stages failed: {lines[0]}")
+        else:
+            super().__init__(f"{len(failures)} stages failed:\n  " + "\n  ".join(lines))
 
 
 class _Scheduler:

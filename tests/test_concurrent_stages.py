@@ -9,6 +9,7 @@ finished, so that test passes only if the two stages really run at once.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -113,6 +114,16 @@ def test_every_failed_stage_is_reported_and_nothing_downstream_starts(project, c
     monkeypatch.delenv("FAKE_TRAIN_WAITS_FOR")
     r = project.spar("apply", str(project.spec), "--jobs", "4", capsys=capsys)
     assert r.code == 1 and "stages failed" not in r.err and "base model unreachable" in r.err
+    # several stages failing for one reason (an unreachable service): one line naming them all
+    shutil.rmtree(project.runs)
+    monkeypatch.setenv("FAKE_TRAIN_WAITS_FOR", "sample_base")
+    monkeypatch.setenv("FAKE_FAIL_TRAIN", "base model unreachable")
+    r = project.spar("apply", str(project.spec), "--jobs", "4", capsys=capsys)
+    lines = [x for x in r.err.splitlines() if "spar: " in x]  # after progress bars
+    assert r.code == 1 and len(lines) == 1, r.err
+    assert lines[0].endswith(
+        "2 stages failed: exp / sample_base, exp / train: base model unreachable"
+    )
 
 
 def test_jobs_must_be_positive(project, capsys):
