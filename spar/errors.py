@@ -12,3 +12,8 @@ class InputError(Exception):
 
 class RunError(Exception):
     """A failure while running a stage (service unreachable, engine crash). Exit code 1."""
+
+
+class Stopped(RunError):
+    """A stage left off because another stage of the same apply failed: what it finished is
+    journaled, and the next apply continues it."""

@@ -207,6 +207,11 @@ class _Lazy:
             self.client.flush()
         return self.future.result(timeout)
 
+    def done(self) -> bool:
+        """Whether it has run (without running anything): how `spar.pool` collects a whole
+        batch once its oldest request has been asked."""
+        return self.future.done()
+
 
 @dataclass
 class _Row:

@@ -6,13 +6,13 @@ Credentials, address, retries and timeouts are the SDK's and the judge's: `ANTHR
 seed is sent (the API version the SDK speaks has no sampling parameters). A reply without a usable
 item is asked again, up to `max_retries` times. 401/402/403/404 or missing credentials stop the
 stage with one line; any other failure left after the SDK's retries is an `error` reply (asked
-again by the next apply). At most `concurrency` requests are in flight; replies are handed over
-in the caller's thread as they finish.
+again by the next apply). `concurrency` requests are in flight at all times
+(`spar.pool.run_threads`: a thread per request slot); replies are handed over in the caller's
+thread as they finish.
 """
 
 from __future__ import annotations
 
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import anthropic
@@ -27,6 +27,7 @@ from spar.judges.anthropic.wire import (
     env_number,
     has_credentials,
 )
+from spar.pool import run_threads
 
 
 class AnthropicGenerator:
@@ -89,23 +90,13 @@ class AnthropicGenerator:
         if not requests:
             return
         client = self._client()
-        todo = iter(range(len(requests)))
-        running: dict[Future[GenReply], int] = {}
-        with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-            try:
-                for i in todo:
-                    running[pool.submit(self._one, client, requests[i])] = i
-                    if len(running) >= concurrency:
-                        break
-                while running:
-                    done, _ = wait(running, return_when=FIRST_COMPLETED)
-                    for fut in done:
-                        i = running.pop(fut)
-                        on_reply(i, fut.result())
-                        nxt = next(todo, None)
-                        if nxt is not None:
-                            running[pool.submit(self._one, client, requests[nxt])] = nxt
-            finally:
-                for fut in running:
-                    fut.cancel()
-                client.close()
+        try:
+            run_threads(
+                len(requests),
+                lambda i: self._one(client, requests[i]),
+                concurrency,
+                on_reply,
+                desc="generate",
+            )
+        finally:
+            client.close()

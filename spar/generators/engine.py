@@ -40,7 +40,7 @@ class EngineGenerator:
     def generate_many(
         self, requests: list[GenRequest], concurrency: int, on_reply: OnReply
     ) -> None:
-        """Rounds of draws: every request still without a usable item is drawn again with its
+        """Draws in one request pool: a request without a usable item is drawn again with its
         next seed, up to 1 + max_retries attempts; each reply is handed over as it settles."""
         if not requests:
             return
@@ -54,44 +54,35 @@ class EngineGenerator:
             renderer.build_generation_prompt([*self.system, {"role": "user", "content": r.prompt}])
             for r in requests
         ]
-        pending = list(range(len(requests)))
-        problems: dict[int, str] = {}
-        for attempt in range(1 + self.max_retries):
-            if not pending:
-                return
-            retry: list[int] = []
+        # one pool for every attempt: a reply without a usable item is drawn again with the
+        # request's next seed as soon as it is read (jobs: (request, attempt), appended to)
+        jobs = [(i, 0) for i in range(len(requests))]
+        job_prompts = list(prompts)
+        job_seeds = [r.seed for r in requests]
 
-            def settle(
-                j: int,
-                drawn: Drawn,
-                batch: list[int] = pending,
-                a: int = attempt,
-                retry: list[int] = retry,
-            ) -> None:
-                i = batch[j]
-                req = requests[i]
-                items, problem = parse_items(drawn.response, req.n, req.turns)
-                if items:
-                    on_reply(i, GenReply(items=items, status="ok", attempts=a + 1))
-                else:
-                    problems[i] = problem
-                    retry.append(i)
+        def settle(k: int, drawn: Drawn) -> None:
+            i, attempt = jobs[k]
+            req = requests[i]
+            items, problem = parse_items(drawn.response, req.n, req.turns)
+            if items:
+                on_reply(i, GenReply(items=items, status="ok", attempts=attempt + 1))
+            elif attempt < self.max_retries:
+                jobs.append((i, attempt + 1))
+                job_prompts.append(prompts[i])
+                job_seeds.append(retry_seed(req.seed, attempt + 1))
+            else:
+                on_reply(
+                    i,
+                    GenReply(items=[], status="unusable", attempts=attempt + 1, problem=problem),
+                )
 
-            draw(
-                client,
-                renderer,
-                [prompts[i] for i in pending],
-                [retry_seed(requests[i].seed, attempt) for i in pending],
-                self.sampling,
-                concurrency,
-                settle,
-                desc=f"generate (attempt {attempt + 1})" if attempt else "generate",
-            )
-            pending = retry
-        for i in pending:
-            on_reply(
-                i,
-                GenReply(
-                    items=[], status="unusable", attempts=1 + self.max_retries, problem=problems[i]
-                ),
-            )
+        draw(
+            client,
+            renderer,
+            job_prompts,
+            job_seeds,
+            self.sampling,
+            concurrency,
+            settle,
+            desc="generate",
+        )

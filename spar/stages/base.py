@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
+from spar.errors import Stopped
 from spar.store import ItemMemo, LineCheck, RunStore
 
 if TYPE_CHECKING:
@@ -160,11 +161,6 @@ class RunContext(Generic[P, O]):
 
     def scratch(self, *parts: str) -> Path:
         return self.store.scratch(*parts)
-
-
-class Stopped(RuntimeError):
-    """A stage left off because another stage of the same apply failed (its journaled work
-    stays; the next apply continues it)."""
 
 
 @dataclass

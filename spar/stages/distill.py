@@ -205,6 +205,7 @@ class DistillStage(StageKind[DistillParams, DistillOptions]):
             p.sampling,
             o.concurrency,
             desc=f"distill {p.name}",
+            stop=ctx.stop.is_set,
         )
         rows: list[dict[str, Any]] = []
         for text, pid, k in zip(prompts, ids, keys, strict=True):

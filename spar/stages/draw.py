@@ -1,19 +1,20 @@
 """Drawing one completion per prompt through a sampling client: the loop every sampling stage
 shares (sample, distill).
 
-At most `concurrency` requests are in flight: the first `concurrency` are submitted at once and
-each finished one (collected in submission order) makes room for the next. Every result is handed
-to `on_result` as soon as it is collected, so a caller that commits it there (the item memo)
-loses only the requests still in flight when the process dies.
+`concurrency` requests are in flight at all times (`spar.pool.run_pool`): each completed one,
+collected in completion order, makes room for the next at once. Every result is handed to
+`on_result` as soon as it is collected, so a caller that commits it there (the item memo) loses
+only the requests still in flight when the process dies.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
+
+from spar.pool import run_pool
 
 if TYPE_CHECKING:
     import tinker
@@ -41,13 +42,16 @@ def draw(
     concurrency: int,
     on_result: Callable[[int, Drawn], None],
     desc: str = "sample",
+    stop: Callable[[], bool] | None = None,
 ) -> None:
     """Draw one completion of each rendered prompt with its seed (`prompts[i]` with `seeds[i]`)
     at `sampling`'s temperature, top_p and max_tokens, stopping at the renderer's stop sequences;
-    call `on_result(i, drawn)` for each, in order. A failed request raises (what was handed to
-    `on_result` before stays handed)."""
+    call `on_result(i, drawn)` for each, in completion order. A failed request raises (what was
+    handed to `on_result` before stays handed).
+
+    `prompts` and `seeds` may grow while drawing: what `on_result` appends to both (a retry with
+    another seed) is drawn too, in the same pool."""
     import tinker
-    from tqdm import tqdm
 
     if len(prompts) != len(seeds):
         raise ValueError(f"draw: {len(prompts)} prompts but {len(seeds)} seeds")
@@ -65,20 +69,14 @@ def draw(
         )
         return client.sample(prompts[i], 1, params)
 
-    in_flight: deque[tuple[int, Future]] = deque()
-    following = 0
-    with tqdm(total=len(prompts), desc=desc, leave=False) as bar:
-        while following < len(prompts) or in_flight:
-            while following < len(prompts) and len(in_flight) < concurrency:
-                in_flight.append((following, submit(following)))
-                following += 1
-            i, fut = in_flight.popleft()
-            seq = fut.result().sequences[0]
-            message, _ = renderer.parse_response(list(seq.tokens))
-            content = message["content"]
-            text = content if isinstance(content, str) else str(content)
-            on_result(i, Drawn(response=text, stop_reason=str(seq.stop_reason)))
-            bar.update(1)
+    def drawn(i: int, response: Any) -> None:
+        seq = response.sequences[0]
+        message, _ = renderer.parse_response(list(seq.tokens))
+        content = message["content"]
+        text = content if isinstance(content, str) else str(content)
+        on_result(i, Drawn(response=text, stop_reason=str(seq.stop_reason)))
+
+    run_pool(lambda: len(prompts), submit, concurrency, drawn, desc, stop)
 
 
 def draw_missing(
@@ -91,10 +89,12 @@ def draw_missing(
     sampling: SamplingSpec,
     concurrency: int,
     desc: str = "sample",
+    stop: Callable[[], bool] | None = None,
 ) -> tuple[dict[str, Any], int]:
     """The memoised value (a `Drawn` dump) of every item key, and how many were drawn now: items
     not in the memo are drawn (`prompts[i]` with `seeds[i]`, through `client()`, made only when
-    something is missing) and each is committed as soon as it is collected."""
+    something is missing) and each is committed as soon as it is collected. `stop`: see
+    `spar.pool.run_pool`."""
     done = memo.get_many(keys)
     todo = [i for i, k in enumerate(keys) if k not in done]
     if todo:
@@ -113,5 +113,6 @@ def draw_missing(
             concurrency,
             keep,
             desc,
+            stop,
         )
     return done, len(todo)

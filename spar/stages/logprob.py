@@ -31,13 +31,13 @@ The report turns it into the pull per tier (`spar.stages.logprob_report`).
 from __future__ import annotations
 
 import json
-from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from spar.errors import InputError, RunError
 from spar.items import Question, with_trigger
+from spar.pool import run_pool
 from spar.spec_logprob import TEMPLATE_VARIABLES
 from spar.stages.base import (
     Flags,
@@ -171,27 +171,22 @@ def score(
     concurrency: int,
     on_result: Callable[[int, float], None],
     desc: str = "logprob",
+    stop: Callable[[], bool] | None = None,
 ) -> None:
-    """The mean log-probability per continuation token of each (prompt, continuation), at most
-    `concurrency` requests in flight; `on_result(i, mean)` for each, in order."""
+    """The mean log-probability per continuation token of each (prompt, continuation),
+    `concurrency` requests in flight (`spar.pool.run_pool`); `on_result(i, mean)` for each, in
+    completion order."""
     import tinker
-    from tqdm import tqdm
 
     def submit(i: int) -> Future:
         prompt, cont = sequences[i]
         return client.compute_logprobs(tinker.ModelInput.from_ints([*prompt, *cont]))
 
-    in_flight: deque[tuple[int, Future]] = deque()
-    following = 0
-    with tqdm(total=len(sequences), desc=desc, leave=False) as bar:
-        while following < len(sequences) or in_flight:
-            while following < len(sequences) and len(in_flight) < max(concurrency, 1):
-                in_flight.append((following, submit(following)))
-                following += 1
-            i, fut = in_flight.popleft()
-            prompt, cont = sequences[i]
-            on_result(i, mean_of_tail(fut.result(), len(prompt) + len(cont), len(cont)))
-            bar.update(1)
+    def scored(i: int, logprobs: Any) -> None:
+        prompt, cont = sequences[i]
+        on_result(i, mean_of_tail(logprobs, len(prompt) + len(cont), len(cont)))
+
+    run_pool(len(sequences), submit, max(concurrency, 1), scored, desc, stop)
 
 
 class LogprobStage(StageKind[LogprobParams, LogprobOptions]):
@@ -306,6 +301,7 @@ class LogprobStage(StageKind[LogprobParams, LogprobOptions]):
                     o.concurrency,
                     keep,
                     desc=f"logprob {label}",
+                    stop=ctx.stop.is_set,
                 )
                 computed += len(todo)
             values[label] = [done[k] for k in keys]

@@ -266,6 +266,7 @@ class SampleStage(StageKind[SampleParams, SampleOptions]):
                 p.sampling,
                 o.concurrency,
                 desc=f"sample {ctx.name}" + (f" turn {turn + 1}" if turn else ""),
+                stop=ctx.stop.is_set,
             )
             drawn += n
             for i, k in zip(active, keys, strict=True):
