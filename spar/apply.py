@@ -150,7 +150,6 @@ class _Scheduler:
         self.busy: set[str] = set()  # devices a running stage computes on
         self.stop = threading.Event()
         self.failures: list[_Failure] = []
-        self.stopped: list[PlannedStage] = []
         self.lock = threading.Lock()
 
     def settle(self, p: PlannedStage) -> bool:
@@ -244,7 +243,7 @@ class _Scheduler:
                         fut.result()
                         self.done.add(p.key)
                     except Stopped:
-                        self.stopped.append(p)
+                        pass  # left off for another stage's failure (in the stage log)
                     except Exception as e:  # every failed stage is reported
                         self.failures.append(_Failure(p, e))
                         self.stop.set()

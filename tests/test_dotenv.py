@@ -18,8 +18,8 @@ import pytest
 from anthropic_server import AnthropicServer
 from conftest import Project, anthropic_local_only
 
-DOTENV_KEY = "sk-ant-from-dotenv-5b1f0c9e"
-ENV_KEY = "sk-ant-from-environment-77d2a4"
+DOTENV_KEY = "fake-test-key-from-dotenv-5b1f0c9e"  # not a real key: the local server
+ENV_KEY = "fake-test-key-from-environment-77d2a4"
 
 
 @pytest.fixture

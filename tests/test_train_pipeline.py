@@ -408,8 +408,8 @@ def test_spar_apply_on_tinker_sigkilled_mid_pipeline_applies_every_batch_once(
     killed = project.spar_proc(
         "apply",
         str(project.spec),
-        SPAR_PLUGINS="fake_plugin,tinker_server.pipeline_kill_plugin",
-        SPAR_PIPELINE_KILL_AT="4",  # as it sends batch 3 (0-based), once batch 2 was applied
+        SPAR_PLUGINS="fake_plugin,tinker_server.kill_plugin",
+        SPAR_KILL_AT_FORWARD_BACKWARD="4",  # sending batch 3 (0-based), once batch 2 is applied
         **env,
     )
     out, err = killed.communicate(timeout=600)

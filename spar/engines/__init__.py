@@ -11,24 +11,12 @@ _ENGINES: Registry[EngineFactory] = Registry(
     {
         "local": "spar.engines.local:LocalEngine",
         "tinker": "spar.engines.tinker:TinkerEngine",
-    }
+    },
+    devices={"local": "cpu", "tinker": None},
 )
 register_engine = _ENGINES.register
 engine_names = _ENGINES.names
-
-
-# Where a built-in engine's stages compute in this process (known without importing it): a device
-# name — its stages run one at a time there — or None, a remote service (many stages at once). A
-# plugin declares it as a `device` attribute of its factory; one that does not is taken to compute
-# locally.
-_DEVICES: dict[str, str | None] = {"local": "cpu", "tinker": None}
-LOCAL_DEVICE = "cpu"
-
-
-def engine_device(name: str) -> str | None:
-    if name in _DEVICES:
-        return _DEVICES[name]
-    return getattr(_ENGINES.factory(name), "device", LOCAL_DEVICE)
+engine_device = _ENGINES.device  # see Registry.device
 
 
 def get_engine(name: str, workdir: Path) -> Engine:

@@ -9,23 +9,12 @@ _JUDGES: Registry[JudgeFactory] = Registry(
     {
         "anthropic": "spar.judges.anthropic:AnthropicJudge",
         "embedding": "spar.judges.embedding:EmbeddingJudge",
-    }
+    },
+    devices={"anthropic": None, "embedding": "cpu"},
 )
 register_judge = _JUDGES.register
 judge_kinds = _JUDGES.names
-
-
-# As engines (spar.engines.engine_device): the device a judge kind computes on in this process, or
-# None for a remote service; plugins declare a `device` attribute on their factory.
-_DEVICES: dict[str, str | None] = {"anthropic": None, "embedding": "cpu"}
-
-
-def judge_device(kind: str) -> str | None:
-    from spar.engines import LOCAL_DEVICE
-
-    if kind in _DEVICES:
-        return _DEVICES[kind]
-    return getattr(_JUDGES.factory(kind), "device", LOCAL_DEVICE)
+judge_device = _JUDGES.device  # see Registry.device
 
 
 def judge_factory(kind: str) -> JudgeFactory:

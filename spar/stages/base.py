@@ -179,6 +179,11 @@ class GraphContext:
     compared: tuple[tuple[str, str], ...] = ()  # (experiment name, label)
 
 
+def on_device(device: str | None) -> frozenset[str]:
+    """A stage's `devices` when it computes on `device` (None: a remote service, no device)."""
+    return frozenset() if device is None else frozenset({device})
+
+
 class StageKind(Generic[P, O]):
     """A kind of stage. Subclasses set `kind`, `version`, `outputs`, `params_model` and implement
     `nodes` and `run`.
@@ -218,8 +223,7 @@ class StageKind(Generic[P, O]):
         from spar.engines import engine_device
 
         engine = getattr(node.params, "engine", None)
-        device = engine_device(engine) if isinstance(engine, str) else None
-        return frozenset() if device is None else frozenset({device})
+        return on_device(engine_device(engine) if isinstance(engine, str) else None)
 
     def run(self, ctx: RunContext[P, O]) -> StageResult:
         """Do the work; return the bytes of every output (the store writes them)."""

@@ -43,6 +43,7 @@ from spar.stages.base import (
     StageNode,
     StageResult,
     key,
+    on_device,
 )
 from spar.stages.models import ModelRef, model_ref
 from spar.store import ItemMemo, RunStore, hash_json, jsonl_text, read_jsonl, seed_of
@@ -272,8 +273,7 @@ class GenerateStage(StageKind[GenerateParams, GenerateOptions]):
         from spar.generators import ANTHROPIC
 
         kind = node.params.generator
-        device = None if kind == ANTHROPIC else engine_device(kind)
-        return frozenset() if device is None else frozenset({device})
+        return on_device(None if kind == ANTHROPIC else engine_device(kind))
 
     def nodes(
         self, spec: Spec, g: GraphContext

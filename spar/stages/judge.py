@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from spar.items import stage_name
-from spar.judges.base import JudgeConfig, JudgeRequest, Verdict
+from spar.judges.base import Judge, JudgeConfig, JudgeRequest, Verdict
 from spar.judges.rubric import context, render, static_prefix
 from spar.stages.base import (
     Flags,
@@ -45,6 +45,7 @@ from spar.stages.base import (
     StageNode,
     StageResult,
     key,
+    on_device,
 )
 from spar.stages.sample import checkpoint_stage
 from spar.stages.train import intermediate_checkpoints
@@ -209,6 +210,36 @@ def verdict_rows(
     return rows
 
 
+def ask_judge(
+    ctx: RunContext[Any, Any],
+    judge: Judge,
+    requests: list[JudgeRequest],
+    keys: list[str],
+    memo: ItemMemo,
+    verdicts: dict[str, Any],
+    concurrency: int,
+) -> None:
+    """Ask `judge` about each request (its item key `keys[i]`): every verdict lands in
+    `verdicts` and, unless it is an `error`, in the memo as it arrives. Leaves off after the
+    verdict in hand when the apply is stopping (`ctx.stopping`)."""
+    from tqdm import tqdm
+
+    with tqdm(total=len(requests), desc=ctx.name or ctx.kind.kind, leave=False) as bar:
+        for pos, verdict in judge.judge_many(requests, concurrency):
+            if verdict.status != "error":
+                memo.put(keys[pos], verdict.model_dump())
+            verdicts[keys[pos]] = verdict.model_dump()
+            bar.update(1)
+            ctx.stopping()  # another stage failed: leave off here (this verdict is kept)
+
+
+def judge_devices(node: StageNode[Any, Any]) -> frozenset[str]:
+    """The device a judge stage's judge kind computes on (`judge` and `judge_also`)."""
+    from spar.judges import judge_device
+
+    return on_device(judge_device(node.params.kind))
+
+
 def estimate_calls(
     node: StageNode[Any, JudgeOptions],
     store: RunStore,
@@ -243,10 +274,7 @@ class JudgeStage(StageKind[JudgeParams, JudgeOptions]):
     params_model = JudgeParams
 
     def devices(self, node: StageNode[JudgeParams, JudgeOptions]) -> frozenset[str]:
-        from spar.judges import judge_device
-
-        device = judge_device(node.params.kind)
-        return frozenset() if device is None else frozenset({device})
+        return judge_devices(node)
 
     def nodes(self, spec: Spec, g: GraphContext) -> list[StageNode[JudgeParams, JudgeOptions]]:
         from spar.judges import judge_factory
@@ -342,7 +370,6 @@ class JudgeStage(StageKind[JudgeParams, JudgeOptions]):
         )
 
     def run(self, ctx: RunContext[JudgeParams, JudgeOptions]) -> StageResult:
-        from tqdm import tqdm
 
         from spar.judges import get_judge
 
@@ -364,15 +391,8 @@ class JudgeStage(StageKind[JudgeParams, JudgeOptions]):
                 ),
             )
             judge = get_judge(config, batch=o.batch, journal=ctx.store.state.batch_journal(p.kind))
-            bar = tqdm(total=len(todo), desc=ctx.name or self.kind, leave=False)
-            for pos, verdict in judge.judge_many([requests[i][1] for i in todo], o.concurrency):
-                key = keys[todo[pos]]
-                if verdict.status != "error":
-                    memo.put(key, verdict.model_dump())
-                verdicts[key] = verdict.model_dump()
-                bar.update(1)
-                ctx.stopping()  # another stage failed: leave off here (this verdict is kept)
-            bar.close()
+            asked = [requests[i][1] for i in todo]
+            ask_judge(ctx, judge, asked, [keys[i] for i in todo], memo, verdicts, o.concurrency)
         rows = verdict_rows(requests, keys, verdicts)
         if "judge_base" in ctx.upstream:  # absolute: the baseline's verdicts, then this stage's
             rows = read_jsonl(ctx.upstream_file("judge_base", "judged.jsonl")) + rows

@@ -51,8 +51,10 @@ from spar.stages.judge import (
     JudgeOptions,
     JudgeParams,
     JudgeStage,
+    ask_judge,
     build_requests,
     estimate_calls,
+    judge_devices,
     sample_roles,
     strip_patterns,
     to_ask,
@@ -188,10 +190,7 @@ class JudgeAlsoStage(StageKind[AlsoParams, JudgeOptions]):
     params_model = AlsoParams
 
     def devices(self, node: StageNode[AlsoParams, JudgeOptions]) -> frozenset[str]:
-        from spar.judges import judge_device
-
-        device = judge_device(node.params.kind)
-        return frozenset() if device is None else frozenset({device})
+        return judge_devices(node)
 
     def nodes(self, spec: Spec, g: GraphContext) -> list[StageNode[AlsoParams, JudgeOptions]]:
         out: list[StageNode[AlsoParams, JudgeOptions]] = []
@@ -260,7 +259,6 @@ class JudgeAlsoStage(StageKind[AlsoParams, JudgeOptions]):
         )
 
     def run(self, ctx: RunContext[AlsoParams, JudgeOptions]) -> StageResult:
-        from tqdm import tqdm
 
         from spar.judges import get_judge
 
@@ -281,15 +279,8 @@ class JudgeAlsoStage(StageKind[AlsoParams, JudgeOptions]):
                 ),
             )
             judge = get_judge(config, batch=o.batch, journal=ctx.store.state.batch_journal(p.kind))
-            bar = tqdm(total=len(todo), desc=ctx.name or self.kind, leave=False)
-            for pos, verdict in judge.judge_many([requests[i][1] for i in todo], o.concurrency):
-                key = keys[todo[pos]]
-                if verdict.status != "error":
-                    memo.put(key, verdict.model_dump())
-                verdicts[key] = verdict.model_dump()
-                bar.update(1)
-                ctx.stopping()  # another stage failed: leave off here (this verdict is kept)
-            bar.close()
+            asked = [requests[i][1] for i in todo]
+            ask_judge(ctx, judge, asked, [keys[i] for i in todo], memo, verdicts, o.concurrency)
         rows = verdict_rows(requests, keys, verdicts)
         if "judge_base" in ctx.upstream:  # the baseline's verdicts, then this stage's
             rows = read_jsonl(ctx.upstream_file("judge_base", "judged.jsonl")) + rows

@@ -2,8 +2,10 @@
 
 The real `TinkerEngine`, except that with `SPAR_KILL_AT_FORWARD_BACKWARD=N` set, the process
 kills itself (SIGKILL: no cleanup, no flush) when a training client is asked for its N-th
-forward_backward of this process, i.e. after N-1 batches were applied. For crash/resume tests
-of `spar apply` that must not depend on timing.
+forward_backward of this process, i.e. after N-1 batches were applied. Before it dies it waits
+until the server has answered the optim_step sent last: in the pipelined loop that batch is
+applied on the server but its results are not awaited, so not journaled — certain, not likely.
+For crash/resume tests of `spar apply` that must not depend on timing.
 """
 
 from __future__ import annotations
@@ -22,13 +24,20 @@ _calls = 0
 class _KillingClient:
     def __init__(self, client: Any) -> None:
         self._client = client
+        self._last_optim: Any = None
 
     def forward_backward(self, data: list[Any], loss_fn: str) -> Any:
         global _calls
         _calls += 1
         if _calls == int(os.environ.get("SPAR_KILL_AT_FORWARD_BACKWARD", "0") or 0):
+            if self._last_optim is not None:
+                self._last_optim.result()  # the batch sent before is applied on the server
             os.kill(os.getpid(), signal.SIGKILL)
         return self._client.forward_backward(data, loss_fn)
+
+    def optim_step(self, adam_params: Any) -> Any:
+        self._last_optim = self._client.optim_step(adam_params)
+        return self._last_optim
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._client, name)
