@@ -272,7 +272,11 @@ def apply_plan(
         if len(sched.failures) == 1:
             raise sched.failures[0].error
         if sched.failures:
-            raise StagesFailed(sched.failures)
+            for f in sched.failures[1:]:  # --debug shows every stage's traceback, not one
+                log.debug(
+                    "%s / %s failed", f.stage.node.experiment, f.stage.node.name, exc_info=f.error
+                )
+            raise StagesFailed(sched.failures) from sched.failures[0].error
     order = {p.key: i for i, p in enumerate(plan)}
     sched.outcome.ran.sort(key=lambda p: order[p.key])
     sched.outcome.restored.sort(key=lambda p: order[p.key])

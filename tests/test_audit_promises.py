@@ -183,7 +183,10 @@ def test_verbose_logs_progress_and_debug_shows_the_traceback(project):
     debug = project.spar_proc("apply", str(project.spec), "--debug", **env)
     _, err = debug.communicate(timeout=120)
     assert debug.returncode == 1
-    assert "Traceback (most recent call last)" in err and "RunError" in err
+    assert "Traceback (most recent call last)" in err and "RunError" in err, err
+    # both stages failed (under --jobs): the traceback reaches the failing engine code, not
+    # only apply's summary
+    assert "spar/engines/tinker.py" in err, err
     assert "tml-spar-test" not in err
 
 
