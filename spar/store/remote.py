@@ -408,35 +408,6 @@ def _scratch_refs(
     return files, refs
 
 
-def _memo_rows(store: RunStore) -> Iterator[tuple[str, str, str]]:
-    """Every memoised item (ns, key, JSON text), a page at a time, in key order."""
-    last: tuple[str, str] = ("", "")
-    while True:
-        rows = store.state._read(
-            "SELECT ns, key, value FROM memo WHERE (ns, key) > (?, ?) ORDER BY ns, key LIMIT ?",
-            (*last, _MEMO_PAGE),
-        )
-        for ns, key, value in rows:
-            yield str(ns), str(key), str(value)
-        if len(rows) < _MEMO_PAGE:
-            return
-        last = (str(rows[-1][0]), str(rows[-1][1]))
-
-
-def _memo_insert_new(store: RunStore, ns: str, items: list[tuple[str, Any]]) -> None:
-    """Memoise items this runs directory does not have, never replacing one it has."""
-    if not items:
-        return
-    with store.state._transaction() as conn:
-        conn.executemany(
-            "INSERT INTO memo (ns, key, value) VALUES (?, ?, ?) ON CONFLICT (ns, key) DO NOTHING",
-            (
-                (ns, key, json.dumps(value, ensure_ascii=False, separators=(",", ":")))
-                for key, value in items
-            ),
-        )
-
-
 def save_fresh(store: RunStore, planned: list[PlannedStage]) -> None:
     """Every fresh, complete stage of a plan into the run cache, if it is not there (outputs a
     `spar gc` dropped from the cache, or written before the cache existed)."""
@@ -455,7 +426,7 @@ def _memo_payloads(
 ) -> Iterator[tuple[str, bytes]]:
     """(remote path, bytes) of every memo item the remote does not have (`there`: paths under
     memo/), a page of the database at a time; counts the others in `report`."""
-    for ns, key, value in _memo_rows(store):
+    for ns, key, value in store.state.memo_rows(_MEMO_PAGE):
         if not _NS.fullmatch(ns) or not _HEX.fullmatch(key):
             continue
         if f"{ns}/{key[:2]}/{key}.json" in there:
@@ -691,7 +662,7 @@ def _pull_memo(store: RunStore, remote: Remote, report: PullReport) -> None:
                     report.warnings.append(f"remote memo item {ns} {key[:12]} is damaged: skipped")
                     continue
                 items.append((key, obj.value))
-            _memo_insert_new(store, ns, items)
+            store.state.memo_add_new(ns, items)
             report.memo += len(items)
 
 

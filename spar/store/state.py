@@ -295,6 +295,31 @@ class State:
         with self._transaction() as conn:
             conn.executemany(_MEMO_PUT, ((ns, key, _dumps(value)) for key, value in items))
 
+    def memo_add_new(self, ns: str, items: Iterable[tuple[str, Any]]) -> None:
+        """Memoise items not memoised yet, never replacing one that is (merging another runs
+        directory's memo: what this one paid for stays as it was)."""
+        with self._transaction() as conn:
+            conn.executemany(
+                "INSERT INTO memo (ns, key, value) VALUES (?, ?, ?) "
+                "ON CONFLICT (ns, key) DO NOTHING",
+                ((ns, key, _dumps(value)) for key, value in items),
+            )
+
+    def memo_rows(self, page: int = 1000) -> Iterator[tuple[str, str, str]]:
+        """Every memoised item as (ns, key, JSON text), in (ns, key) order, read a page at a
+        time (no read transaction is held between pages)."""
+        last: tuple[str, str] = ("", "")
+        while True:
+            rows = self._read(
+                "SELECT ns, key, value FROM memo WHERE (ns, key) > (?, ?) ORDER BY ns, key LIMIT ?",
+                (*last, page),
+            )
+            for ns, key, value in rows:
+                yield str(ns), str(key), str(value)
+            if len(rows) < page:
+                return
+            last = (str(rows[-1][0]), str(rows[-1][1]))
+
     def memo_delete(self, ns: str, keys: Sequence[str]) -> None:
         with self._transaction() as conn:
             for chunk in _chunks(keys):
