@@ -23,6 +23,7 @@ import torch
 
 from spar.errors import RunError
 from spar.models import local_model_dir
+from spar.store.remote import local_scratch
 
 if TYPE_CHECKING:
     import tinker
@@ -406,7 +407,7 @@ class LocalEngine:
     def create_training_client_from_state_with_optimizer(
         self, path: str, base_model: str | None = None
     ) -> LocalTrainingClient:
-        state = Path(path)
+        state = Path(local_scratch(path, self.workdir.parent.parent))
         if not (state / META).is_file():
             raise RunError(f"engine local: {state}: not a saved training state")
         meta = json.loads((state / META).read_text())
@@ -418,4 +419,6 @@ class LocalEngine:
     def create_sampling_client(
         self, model_path: str | None = None, base_model: str | None = None
     ) -> LocalSamplingClient:
+        if model_path is not None:  # weights a pull brought from another runs dir
+            model_path = local_scratch(model_path, self.workdir.parent.parent)
         return LocalSamplingClient(model_path, base_model)

@@ -22,8 +22,10 @@ content-addressed:
   environment variable named like a secret (*KEY*, *TOKEN*, *SECRET*) before anything is sent, and
   a push that finds one refuses (nothing is sent).
 - Local engine weights (a train output's `sampler_path` / `state_path` under `runs/.spar/`) travel
-  with the train output and land at the same place under the puller's `runs/.spar/`; engines that
-  record portable references (Tinker's `tinker://`) need nothing more.
+  with the train output and land at the same place under the puller's `runs/.spar/`, wherever
+  that runs directory is (the local engine looks there for a recorded path that is not found:
+  `local_scratch`); engines that record portable references (Tinker's `tinker://`) need nothing
+  more.
 """
 
 from __future__ import annotations
@@ -577,20 +579,11 @@ def _pull_entry(store: RunStore, remote: Remote, entry: RemoteEntry, report: Pul
     except (FileNotFoundError, RunError) as e:
         report.warnings.append(f"remote entry {m.fingerprint[:12]}: {e}; skipped")
         return False
-    elsewhere: list[str] = []
     for text, rel in entry.refs.items():
         here = Path(_strip_scheme(text))
         here = (here if here.is_absolute() else Path.cwd() / here).resolve()
-        if here != (store.internal / rel).resolve():
-            elsewhere.append(_strip_scheme(text).rsplit("/.spar/", 1)[0] + "/.spar")
-    if elsewhere:
-        first = next(iter(m.records.values()))
-        report.warnings.append(
-            f"{first.experiment} / {first.stage}: its output names weights under "
-            f"{elsewhere[0]}; they were pulled into {store.internal}, but new samples from "
-            "this model need the same runs dir path on both machines (the default ./runs, "
-            "spar run from the project root)"
-        )
+        if here != (store.internal / rel).resolve():  # engine local maps it (local_scratch)
+            log.info("weights recorded at %s pulled into %s", text, store.internal / rel)
     atomic_write_text(store.cache.stages / f"{m.fingerprint}.json", m.model_dump_json(indent=1))
     return True
 
@@ -677,7 +670,7 @@ def local_scratch(path: str, internal: Path) -> str:
     """A path under another runs directory's `.spar/` (a pulled train output's weights, recorded
     where they were made) as it is under this one's `internal` (`runs/.spar`), where a pull put
     it; `path` itself if it exists or names nothing found here. For engines that load local
-    weights: `model_path = local_scratch(model_path, workdir.parents[1])`."""
+    weights, as engine local does: `local_scratch(model_path, workdir.parent.parent)`."""
     if "/.spar/" not in f"/{path}" or _exists(Path(path)):
         return path
     rel = f"/{path}".rsplit("/.spar/", 1)[1]
