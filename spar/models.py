@@ -91,6 +91,9 @@ def _tokenizer_from_gguf(gguf: Path) -> Any:
     return fast
 
 
+_converting = threading.Lock()
+
+
 def _convert_gguf(gguf: Path, dest: Path) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -121,8 +124,10 @@ def smollm2_dir() -> Path:
     gguf = smollm2_gguf()
     dest = cache_dir() / "models" / f"SmolLM2-135M-Instruct-{hash_path(gguf)[:16]}"
     if not (dest / "config.json").exists():
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        _convert_gguf(gguf, dest)
+        with _converting:  # two stage threads (apply --jobs): one converts, the other waits
+            if not (dest / "config.json").exists():
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                _convert_gguf(gguf, dest)
     return dest
 
 

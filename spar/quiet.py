@@ -17,9 +17,10 @@ environment variables they read when imported (set only where the user has not s
 
 `captured(logger, what)` wraps a loader that writes to stdout/stderr itself (GGUF conversion's
 tqdm bar, prints): what it writes is logged line by line at INFO on `logger` instead, so it shows
-with -v and never interleaves with spar's own output. It swaps `sys.stdout`/`sys.stderr` for the
-whole process while it runs: wrap loading calls, not work that runs beside other threads' output.
-spar's own progress bars (sampling, judging, training) are untouched.
+with -v and never interleaves with spar's own output. While any thread is capturing,
+`sys.stdout`/`sys.stderr` are a router that sends each thread's writes to its own capture or, for
+threads not capturing, where they went before; spar's own progress bars (sampling, judging,
+training) and lines are untouched.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import warnings
 from collections.abc import Iterator
 from typing import TextIO
@@ -128,14 +130,71 @@ def output_lines(text: str) -> list[str]:
     return out
 
 
+class _Router(io.TextIOBase):
+    """Stands in for sys.stdout / sys.stderr while some thread is in `captured`: what a capturing
+    thread writes goes to its buffer, what any other thread writes to the stream it replaced."""
+
+    def __init__(self, original: TextIO) -> None:
+        self.original = original
+        self.buffers: dict[int, list[io.StringIO]] = {}
+
+    def _target(self) -> TextIO:
+        stack = self.buffers.get(threading.get_ident())
+        return stack[-1] if stack else self.original
+
+    def write(self, text: str) -> int:
+        return self._target().write(text)
+
+    def flush(self) -> None:
+        self._target().flush()
+
+    def isatty(self) -> bool:
+        return self._target().isatty()
+
+    def fileno(self) -> int:
+        return self.original.fileno()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self.original, "encoding", "utf-8")
+
+
+_routing = threading.Lock()
+
+
+def _enter(name: str, buffer: io.StringIO) -> _Router:
+    with _routing:
+        router = getattr(sys, name)
+        if not isinstance(router, _Router):
+            router = _Router(router)
+            setattr(sys, name, router)
+        router.buffers.setdefault(threading.get_ident(), []).append(buffer)
+        return router
+
+
+def _leave(name: str, router: _Router) -> None:
+    with _routing:
+        me = threading.get_ident()
+        stack = router.buffers[me]
+        stack.pop()
+        if not stack:
+            del router.buffers[me]
+        if not router.buffers and getattr(sys, name) is router:  # the last capture: put it back
+            setattr(sys, name, router.original)
+
+
 @contextlib.contextmanager
 def captured(logger: logging.Logger, what: str) -> Iterator[None]:
-    """Run the block with stdout and stderr captured; each line written is logged at INFO on
-    `logger` as `<what>: <line>` (also when the block raises)."""
+    """Run the block with what this thread writes to stdout and stderr captured; each line is
+    logged at INFO on `logger` as `<what>: <line>` (also when the block raises). Other threads'
+    output (spar's own, under `apply --jobs`) is untouched, and captures in several threads at
+    once each keep their own lines and leave sys.stdout/sys.stderr as they found them."""
     buffer = io.StringIO()
+    routers = [(name, _enter(name, buffer)) for name in ("stdout", "stderr")]
     try:
-        with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
-            yield
+        yield
     finally:
+        for name, router in routers:
+            _leave(name, router)
         for line in output_lines(buffer.getvalue()):
             logger.info("%s: %s", what, line)

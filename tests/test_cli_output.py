@@ -264,6 +264,63 @@ def test_captured_logs_a_loaders_output_instead_of_printing_it(capsys, caplog):
     assert all(r.levelno == logging.INFO for r in caplog.records if r.name == "spar.test_loader")
 
 
+def test_captures_in_two_threads_keep_their_lines_and_others_output(monkeypatch, caplog):
+    """Two stage threads loading at once (apply --jobs) while the main thread prints: each
+    capture logs only its own thread's lines, the main thread's lines reach the real stdout, and
+    sys.stdout / sys.stderr are the real ones again afterwards — also when the captures end in
+    the order that leaked a swapped stream (first in, first out)."""
+    import io
+    import threading
+
+    out, err = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", err)
+    log = logging.getLogger("spar.test_loader")
+    caplog.set_level(logging.INFO, logger="spar.test_loader")
+    a_in, b_in, a_go, a_out, b_go = (threading.Event() for _ in range(5))
+
+    def loader(
+        name: str,
+        after: threading.Event | None,
+        inside: threading.Event,
+        go: threading.Event,
+        done: threading.Event | None,
+    ) -> None:
+        if after is not None:
+            after.wait(10)
+        with quiet.captured(log, name):
+            print(f"{name} report")
+            sys.stderr.write(f"{name} bar 100%\n")
+            inside.set()
+            go.wait(10)
+        if done is not None:
+            done.set()
+
+    a = threading.Thread(target=loader, args=("load a", None, a_in, a_go, a_out))
+    b = threading.Thread(target=loader, args=("load b", a_in, b_in, b_go, None))
+    a.start()
+    b.start()
+    assert b_in.wait(10)  # both threads are inside their captures
+    print("ran exp / dataset")
+    a_go.set()  # a, in first, leaves first
+    assert a_out.wait(10)
+    print("ran exp / train")
+    b_go.set()
+    a.join(10)
+    b.join(10)
+    assert sys.stdout is out and sys.stderr is err
+    print("headline")
+    assert out.getvalue() == "ran exp / dataset\nran exp / train\nheadline\n"
+    assert err.getvalue() == ""
+    messages = sorted(r.getMessage() for r in caplog.records if r.name == "spar.test_loader")
+    assert messages == [
+        "load a: load a bar 100%",
+        "load a: load a report",
+        "load b: load b bar 100%",
+        "load b: load b report",
+    ]
+
+
 def test_output_lines_keeps_what_a_terminal_shows():
     text = "a\r\x1b[32mb\x1b[0m\n\n  \r\nbar 10%\rbar 100%\rend\n"
     assert quiet.output_lines(text) == ["b", "end"]
