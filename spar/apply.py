@@ -17,6 +17,7 @@ from spar.plan import (
     upstream_key,
     upstream_output_changed,
 )
+from spar.progress import labelled
 from spar.stages.base import Flags, RunContext, Stopped
 from spar.store import ParamsRecord, RunStore, now_iso
 
@@ -151,6 +152,7 @@ class _Scheduler:
         self.stop = threading.Event()
         self.failures: list[_Failure] = []
         self.lock = threading.Lock()
+        self.experiments = len({p.node.experiment for p in plan})
 
     def settle(self, p: PlannedStage) -> bool:
         """Fresh or restored now (True), or it must run (False)."""
@@ -195,6 +197,12 @@ class _Scheduler:
             self.store.cache.save(p.fingerprint, {n: p.output_dir / n for n in records}, records)
         self.store.stage_event("finished", *p.key, fingerprint=p.fingerprint, errors=errors)
 
+    def run_labelled(self, p: PlannedStage) -> None:
+        """`run` in a stage thread: with several experiments in the plan, its progress bars
+        name the experiment (a sweep's points run side by side)."""
+        with labelled(p.node.experiment if self.experiments > 1 else ""):
+            self.run(p)
+
     def serial(self) -> None:
         """One stage at a time in plan order, in this thread (as with `--jobs 1`)."""
         for p in self.plan:
@@ -232,7 +240,7 @@ class _Scheduler:
                             warm_imports()  # before two stages first import transformers at once
                             warm = True
                         self.busy |= devices
-                        running[pool.submit(self.run, p)] = (p, devices)
+                        running[pool.submit(self.run_labelled, p)] = (p, devices)
                 if not running:
                     break  # stopping, or (cannot happen in a topological plan) nothing is ready
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)

@@ -28,6 +28,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Generic, Protocol, TypeVar
 
+from spar.progress import label
+
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
 
@@ -71,7 +73,8 @@ def run_pool(
         return
     from tqdm import tqdm
 
-    with tqdm(total=count(), desc=desc, leave=False, disable=desc is None) as bar:
+    bar_desc = None if desc is None else label(desc)
+    with tqdm(total=count(), desc=bar_desc, leave=False, disable=desc is None) as bar:
 
         def hand(i: int, value: T) -> None:
             on_result(i, value)

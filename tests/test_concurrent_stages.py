@@ -166,3 +166,23 @@ def test_dependencies_name_upstream_and_twins(project):
         assert Path(project.runs / ".spar" / "stages.jsonl").exists()
     finally:
         store.close()
+
+
+def test_progress_bars_name_the_experiment_when_several_run_at_once(project, capsys, monkeypatch):
+    """Two experiments (another seed: both train) under --jobs: each stage's bar names its
+    experiment; one experiment alone keeps the plain labels."""
+    remote_engine(project, monkeypatch)
+    r = project.spar("apply", str(project.spec), "--jobs", "4", capsys=capsys)
+    assert r.code == 0, r.err
+    assert "train:" in r.err and "exp train" not in r.err and "exp judge" not in r.err
+    other = project.root / "other.yaml"
+    data = yaml.safe_load(project.spec.read_text())
+    data["name"] = "other"
+    data["training"]["seed"] = data["training"].get("seed", 0) + 1
+    other.write_text(yaml.safe_dump(data, sort_keys=False))
+    shutil.rmtree(project.runs)
+    r = project.spar("apply", str(project.spec), str(other), "--jobs", "4", capsys=capsys)
+    assert r.code == 0, r.err
+    for experiment in ("exp", "other"):
+        for bar in ("train:", "sample sample_finetuned:", "judge:"):
+            assert f"{experiment} {bar}" in r.err, (experiment, bar, r.err[-3000:])

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from spar.items import stage_name
 from spar.judges.base import Judge, JudgeConfig, JudgeRequest, Verdict
 from spar.judges.rubric import context, render, static_prefix
+from spar.progress import label
 from spar.stages.base import (
     Flags,
     GraphContext,
@@ -224,7 +225,7 @@ def ask_judge(
     verdict in hand when the apply is stopping (`ctx.stopping`)."""
     from tqdm import tqdm
 
-    with tqdm(total=len(requests), desc=ctx.name or ctx.kind.kind, leave=False) as bar:
+    with tqdm(total=len(requests), desc=label(ctx.name or ctx.kind.kind), leave=False) as bar:
         for pos, verdict in judge.judge_many(requests, concurrency):
             if verdict.status != "error":
                 memo.put(keys[pos], verdict.model_dump())

@@ -62,6 +62,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from spar.engines.base import Engine, Future, TrainingClient
 from spar.errors import InputError, RunError
+from spar.progress import label
 from spar.stages.base import (
     Flags,
     GraphContext,
@@ -463,7 +464,7 @@ def train_loop(
     # request order only when its coroutine runs on the SDK's thread, so a batch sent right
     # after it could overtake it (and the checkpoint would hold the next update).
     pending: deque[_InFlight] = deque()
-    with tqdm(desc="train", unit="step", leave=False, initial=start, total=total) as bar:
+    with tqdm(desc=label("train"), unit="step", leave=False, initial=start, total=total) as bar:
         for step in range(start, total):
             if stop is not None and stop():
                 while pending:

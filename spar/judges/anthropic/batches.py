@@ -24,6 +24,7 @@ from spar.errors import RunError
 from spar.judges.anthropic.parsing import read_verdict
 from spar.judges.anthropic.wire import ABORT_AFTER_FAILURES, FATAL, Run, describe, fatal, log
 from spar.judges.base import BatchJournal, JudgeRequest, Verdict
+from spar.progress import label
 
 DEFAULT_POLL_SECONDS = 30.0
 MAX_BATCH_REQUESTS = 100_000  # API limit per batch
@@ -108,7 +109,7 @@ async def judge_in_batches(run: Run, journal: BatchJournal | None, poll_seconds:
         batches.append((created.id, chunk))
 
     again: list[tuple[int, Message | None]] = []
-    bar = tqdm(total=len(by_cid), desc="judge batch", unit="req", leave=False)
+    bar = tqdm(total=len(by_cid), desc=label("judge batch"), unit="req", leave=False)
     try:
         done = 0
         for batch_id, chunk in batches:
