@@ -404,9 +404,9 @@ def test_compute_logprobs_through_the_skyrl_tinker_server(tiny_model: Path, tmp_
     means: dict[str, list[float]] = {}
     for name, engine in (("tinker", TinkerEngine(tmp_path)), ("local", LocalEngine(tmp_path))):
         client = engine.create_sampling_client(base_model=str(tiny_model))
-        out: list[float] = []
-        score(client, seqs, 4, lambda i, m, out=out: out.append(m))
-        means[name] = out
+        out: dict[int, float] = {}  # results arrive in completion order: keep them by index
+        score(client, seqs, 4, lambda i, m, out=out: out.__setitem__(i, m))
+        means[name] = [out[i] for i in range(len(seqs))]
     assert len(means["tinker"]) == 2 and all(math.isfinite(m) for m in means["tinker"])
     assert means["tinker"] == pytest.approx(means["local"], abs=1e-3)
 
