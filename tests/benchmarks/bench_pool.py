@@ -15,7 +15,11 @@ measured against a service whose only cost is its latency: the local Messages se
 (tests/anthropic_server.py, in its own process) behind the same proxy, N generation requests at
 concurrency C: `ratio generation_pool_efficiency V goal <= 1.1`.
 
+`--backend null` runs skyrl's server with launch.py's compute-free backend instead of its JAX one,
+so the sampling figure too measures the pool against latency alone.
+
     .venv/bin/python tests/benchmarks/bench_pool.py [--requests 500] [--latency 0.3] ...
+        [--backend jax|null]
 """
 
 from __future__ import annotations
@@ -54,6 +58,12 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=2)
     ap.add_argument("--skip-old", action="store_true")
     ap.add_argument("--skip-sampling", action="store_true", help="only the generation figure")
+    ap.add_argument(
+        "--backend",
+        choices=("jax", "null"),
+        default="jax",
+        help="the skyrl server's backend (null: no compute, latency only)",
+    )
     args = ap.parse_args()
     os.environ.update(HF_HUB_OFFLINE="1", NO_PROXY="127.0.0.1", TINKER_API_KEY="tml-spar-test")
     if not args.skip_sampling:
@@ -153,7 +163,7 @@ def sampling_pool(args: argparse.Namespace) -> None:
         assert sorted(got) == list(range(count))
         return wall
 
-    with running_server(ensure_venv(), tiny, work / "skyrl") as server:
+    with running_server(ensure_venv(), tiny, work / "skyrl", args.backend) as server:
         direct = client_at(server.url)
         pooled(direct, 2 * c)  # warm-up: the server's compiles, connections
         server_wall = pooled(direct, n)
@@ -172,6 +182,7 @@ def sampling_pool(args: argparse.Namespace) -> None:
                 old_draw(client, prompts, params, c)
                 old = time.perf_counter() - t0
     ideal = n * lat / c
+    print(f"info: backend {args.backend}")
     print(f"info: {n} requests, latency {lat * 1000:.0f} ms per HTTP request, concurrency {c}")
     print(f"info: server alone (no proxy), pool: {server_wall:.2f} s")
     print(f"info: one request through the proxy: {one:.2f} s; {http} HTTP requests for {n}")

@@ -1,6 +1,7 @@
 """Benchmark (on demand): a sweep runs its points side by side; planning a big sweep is fast.
 
     .venv/bin/python tests/benchmarks/bench_sweep.py [--latency 0.5] [--jobs 8] [--skip-sweep]
+        [--skip-plan] [--backend jax|null]
 
 Prints, one line per figure (`ratio NAME VALUE goal <= BOUND`):
 
@@ -10,6 +11,10 @@ Prints, one line per figure (`ratio NAME VALUE goal <= BOUND`):
   every request (tests/benchmarks/latency_proxy.py), all on 127.0.0.1. goal <= 1.3.
 - `ratio plan_100_point_sweep_s_vs_2s`: warm `spar plan` of a 100-point sweep of the demo spec
   (10 seeds x 10 learning rates; median of 3, after one warm-up run) / 2 s. goal <= 1.
+
+`--backend null` serves the sweep from skyrl's server with launch.py's compute-free backend
+instead of its JAX one: on a small machine skyrl's compute, serialised across the points,
+otherwise dominates the figure; with it the service's only cost is the added latency.
 
 Before the timed runs, one point is applied once (a different seed) so the server's XLA compiles
 are not charged to either side. The judge is the fake plugin's keyword judge (instant); the
@@ -69,7 +74,7 @@ def bench_sweep(args: argparse.Namespace, work: Path) -> None:
     for name in ("docs.jsonl", "rubric.j2"):
         shutil.copy(DATA / name, proj / name)
     with (
-        running_server(ensure_venv(), model, work / "skyrl") as server,
+        running_server(ensure_venv(), model, work / "skyrl", args.backend) as server,
         LatencyProxy(server.url, args.latency) as proxy,
     ):
         env = {
@@ -92,6 +97,7 @@ def bench_sweep(args: argparse.Namespace, work: Path) -> None:
         spec["sweep"] = {"training.seed": [1, 2, 3], "training.learning_rate": [1e-3, 2e-3]}
         six.write_text(yaml.safe_dump(spec))
         t_six = spar(["apply", str(six), "--runs-dir", str(work / "runs-six"), *jobs], proj, env)
+        print(f"info: backend {args.backend}")
         print(
             f"info: one point {t_one:.1f} s, 6 points {t_six:.1f} s "
             f"({args.latency * 1000:.0f} ms per request, --jobs {args.jobs}, "
@@ -128,12 +134,20 @@ def main() -> None:
     ap.add_argument("--latency", type=float, default=0.5)
     ap.add_argument("--jobs", type=int, default=8)
     ap.add_argument("--skip-sweep", action="store_true", help="only the plan figure")
+    ap.add_argument("--skip-plan", action="store_true", help="only the sweep figure")
+    ap.add_argument(
+        "--backend",
+        choices=("jax", "null"),
+        default="jax",
+        help="the skyrl server's backend for the sweep (null: no compute, latency only)",
+    )
     ap.add_argument("--keep", type=Path, help="work here and keep it (runs dirs, stage logs)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = args.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        bench_plan(work)
+        if not args.skip_plan:
+            bench_plan(work)
         if not args.skip_sweep:
             bench_sweep(args, work)
 

@@ -1,6 +1,7 @@
 """Benchmark (on demand): the pipelined training loop against the serial one on a distant service.
 
     .venv/bin/python tests/benchmarks/bench_train_pipeline.py [--steps 20] [--latency 1.0]
+        [--backend jax|null]
 
 skyrl's Tinker server (tests/tinker_server/, the tests' tiny model, CPU) behind a proxy that adds
 `--latency` seconds to every HTTP request (tests/benchmarks/latency_proxy.py), trained through
@@ -14,7 +15,8 @@ unmeasured warm-up run that compiles the server's shapes. Prints
 and `info:` lines: both walls, the requests each sent through the proxy, the steady-state
 seconds per step and the fixed rest (client creation, final saves), the walls without added
 latency (the server's own time), and the floor the SDK sets (see `floor`). `--depths 2,3`
-also measures deeper pipelines.
+also measures deeper pipelines. `--backend null` runs skyrl's server with launch.py's
+compute-free backend instead of its JAX one: the service's only cost is then the added latency.
 """
 
 from __future__ import annotations
@@ -105,6 +107,12 @@ def main() -> None:
         help="also measure these pipeline depths, comma-separated (info lines only)",
     )
     ap.add_argument("--save-every", type=int, default=0)
+    ap.add_argument(
+        "--backend",
+        choices=("jax", "null"),
+        default="jax",
+        help="the skyrl server's backend (null: no compute, latency only)",
+    )
     args = ap.parse_args()
 
     from spar.stages.train import PIPELINE_DEPTH
@@ -116,7 +124,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-train-pipeline-"))
     model = build_tiny_model(work / "tiny-model")
     rows = rows_for(str(model), args.steps)
-    with running_server(ensure_venv(), model, work / "skyrl") as server:
+    with running_server(ensure_venv(), model, work / "skyrl", args.backend) as server:
         # warm-up: the server compiles its shapes once, outside every measurement
         train(server.url, str(model), rows[:2], depth, 0, work, "warmup")
         local = {
@@ -130,6 +138,7 @@ def main() -> None:
                 walls[d] = train(proxy.url, str(model), rows, d, args.save_every, work, f"p{d}")
                 sent[d] = proxy.requests
     serial, piped = walls[0], walls[depth]
+    print(f"info: backend {args.backend}")
     print(f"ratio pipelined_vs_serial {piped.wall / serial.wall:.3f} goal <= 0.6")
     print(
         f"info: {args.steps} steps at {args.latency:g} s per request: serial {serial.wall:.1f} s "

@@ -136,8 +136,19 @@ def _healthy(url: str) -> bool:
 
 
 @contextlib.contextmanager
-def running_server(venv: Path, base_model: Path, workdir: Path) -> Iterator[Server]:
-    """skyrl's API server + engine for `base_model` (a local HF dir, also its name) on 127.0.0.1."""
+def running_server(
+    venv: Path, base_model: Path, workdir: Path, backend: str = "jax"
+) -> Iterator[Server]:
+    """skyrl's API server + engine for `base_model` (a local HF dir, also its name) on 127.0.0.1.
+
+    `backend` "jax" is skyrl's JAX backend (every test); "null" is launch.py's compute-free
+    stand-in, for benchmarks that measure spar against a service whose only cost is latency.
+    """
+    if backend not in ("jax", "null"):
+        raise ValueError(f"backend {backend!r}: jax or null")
+    jax_config = {"max_lora_adapters": 64, "sample_max_num_sequences": 4}
+    # the null backend has nothing to size: no --backend-config
+    config_args = ["--backend-config", json.dumps(jax_config)] if backend == "jax" else []
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     db = workdir / "tinker.db"
@@ -151,9 +162,8 @@ def running_server(venv: Path, base_model: Path, workdir: Path) -> Iterator[Serv
         "--base-model",
         str(base_model),
         "--backend",
-        "jax",
-        "--backend-config",
-        json.dumps({"max_lora_adapters": 64, "sample_max_num_sequences": 4}),
+        backend,
+        *config_args,
         "--checkpoints-base",
         str(workdir / "checkpoints"),
         "--database-url",

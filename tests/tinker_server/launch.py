@@ -20,6 +20,11 @@ installed; this launcher only bridges what the tests need:
   `GET /spar-test/loads` lists every load received: `{"form": "one-request" | "model_id",
   "status", "model_id", "path"}`.
 
+- `--backend null` (benchmarks only, never the tests' correctness checks): an engine backend that
+  does no model compute (`_null_backend_classes`), so a benchmark measures spar's orchestration
+  against a service whose only cost is its latency; `--backend jax` (the default everywhere) is
+  skyrl's own, untouched.
+
     python launch.py api --port N --base-model NAME [skyrl EngineConfig options...]
     python launch.py engine [skyrl EngineConfig options...]     (started by the API server)
     python launch.py check                                      (the venv can run the server)
@@ -30,12 +35,16 @@ from __future__ import annotations
 import importlib.machinery
 import importlib.util
 import inspect
+import itertools
 import json
 import os
+import random
 import sys
 import types
 from pathlib import Path
 from typing import Any
+
+NULL_BACKEND = "null"
 
 
 def _install_stand_ins() -> None:
@@ -228,11 +237,190 @@ def run_api(argv: list[str]) -> None:
     )
 
 
+def _null_backend_classes() -> tuple[type, type]:
+    """The `null` backend and its (empty) config class, as skyrl's `get_backend_classes` returns
+    them for its own backends.
+
+    A benchmark stand-in: no model and no compute, so the service's only cost is the latency a
+    benchmark puts in front of it (tests/benchmarks/latency_proxy.py). Replies have the shapes
+    skyrl's JAX backend gives (skyrl/backends/jax.py) and are deterministic: every token's
+    logprob is -1.0, so a loss is finite; samples are `max_tokens` non-special token ids drawn
+    from the request's seed and prompt. Checkpoints are small files where the real ones go, and
+    carry each model's optimizer step count, so a saved state loads back. Never used by the
+    tests' correctness checks.
+    """
+    from cloudpathlib import AnyPath
+    from pydantic import BaseModel
+    from skyrl.backends.backend import AbstractBackend
+    from skyrl.backends.renderer import render_model_input
+    from skyrl.tinker import types as t
+    from skyrl.utils.storage import pack_and_upload
+    from transformers import AutoTokenizer
+
+    state_file = "null_checkpoint.json"  # inside the training checkpoint's directory
+
+    class NullBackendConfig(BaseModel, extra="forbid"):
+        """No options: there is nothing to size."""
+
+    class NullBackend(AbstractBackend):
+        def __init__(self, base_model: str, config: BaseModel) -> None:
+            self.base_model = base_model
+            self.config = config
+            self.metrics = t.EngineMetrics()  # read through TinkerEngine.metrics
+            tokenizer = AutoTokenizer.from_pretrained(base_model)
+            special = set(tokenizer.all_special_ids)
+            self.token_ids = [i for i in range(len(tokenizer)) if i not in special]
+            self.models: dict[str, t.LoraConfig] = {}
+            self.steps: dict[str, int] = {}  # optim_steps applied per model
+
+        def create_model(
+            self, model_id: str, lora_config: t.LoraConfig, model_role: str = "policy"
+        ) -> None:
+            self.models[model_id] = lora_config
+            self.steps[model_id] = 0
+
+        def has_model(self, model_id: str) -> bool:
+            return model_id in self.models
+
+        def delete_model(self, model_id: str) -> None:
+            if model_id not in self.models:
+                raise ValueError(f"Model {model_id} not found")
+            del self.models[model_id], self.steps[model_id]
+
+        def _model_pass(self, batch: t.PreparedModelPassBatch) -> dict[str, Any]:
+            """Per datum, one logprob (-1.0) and one loss (-logprob x weight) per input token."""
+            inputs = render_model_input(batch.all_model_inputs)
+            results: dict[str, Any] = {}
+            for request_id, _, start, end in batch.request_batch_slices:
+                outputs = []
+                for i in range(start, end):
+                    n = len(inputs[i].prompt_ids)
+                    weights = [*batch.all_token_weights[i][:n], *[0.0] * n][:n]
+                    outputs.append(
+                        {
+                            "elementwise_loss": {"data": weights, "dtype": "float32", "shape": [n]},
+                            "logprobs": {"data": [-1.0] * n, "dtype": "float32", "shape": [n]},
+                        }
+                    )
+                results[request_id] = t.ForwardBackwardOutput(
+                    loss_fn_output_type="scalar", loss_fn_outputs=outputs, metrics={}
+                )
+            return results
+
+        def forward_backward(self, prepared_batch: t.PreparedModelPassBatch) -> dict[str, Any]:
+            return self._model_pass(prepared_batch)
+
+        def forward(self, prepared_batch: t.PreparedModelPassBatch) -> dict[str, Any]:
+            return self._model_pass(prepared_batch)
+
+        def optim_step(self, model_id: str, request_data: t.OptimStepInput) -> t.OptimStepOutput:
+            self.steps[model_id] += 1
+            lr = request_data.adam_params.learning_rate
+            return t.OptimStepOutput(
+                metrics={"skyrl.ai/grad_norm": 0.0, "skyrl.ai/learning_rate": lr}
+            )
+
+        def sample(self, prepared_batch: t.PreparedSampleBatch) -> dict[str, Any]:
+            """`max_tokens` tokens per sample (stop reason "length"), logprob -1.0 each."""
+            batch = prepared_batch
+            prompts = [r.prompt_ids for r in render_model_input(batch.all_model_inputs)]
+            sequences = []
+            for prompt, params in zip(prompts, batch.all_sampling_params, strict=True):
+                rng = random.Random(f"{params.seed}:{prompt}")
+                tokens = [rng.choice(self.token_ids) for _ in range(params.max_tokens)]
+                sequences.append(
+                    t.GeneratedSequence(
+                        stop_reason="length", tokens=tokens, logprobs=[-1.0] * len(tokens)
+                    )
+                )
+            results: dict[str, Any] = {}
+            for request_id, _, start, end, want_prompt, topk in batch.request_batch_slices:
+                prompt = prompts[start]
+                results[request_id] = t.SampleOutput(
+                    sequences=sequences[start:end],
+                    prompt_logprobs=[None, *[-1.0] * (len(prompt) - 1)] if want_prompt else None,
+                    topk_prompt_logprobs=(
+                        [None, *[self._topk(tok, topk) for tok in prompt[1:]]] if topk > 0 else None
+                    ),
+                )
+            return results
+
+        def _topk(self, token: int, k: int) -> list[tuple[int, float]]:
+            """`k` distinct (token id, -1.0) pairs, the prompt's own token first."""
+            others = (i for i in self.token_ids if i != token)
+            return [(i, -1.0) for i in [token, *(next(others) for _ in range(k - 1))]]
+
+        def save_checkpoint(self, output_path: AnyPath, model_id: str) -> None:
+            # a directory, as the JAX backend's flax checkpoint is
+            output_path.mkdir(parents=True, exist_ok=True)
+            lora, step = self.models[model_id].model_dump(), self.steps[model_id]
+            (output_path / state_file).write_text(json.dumps({"lora_config": lora, "step": step}))
+
+        def load_checkpoint(
+            self, checkpoint_path: AnyPath, model_id: str, load_optimizer: bool
+        ) -> None:
+            path = checkpoint_path / state_file
+            if not path.exists():
+                raise FileNotFoundError(f"Training checkpoint not found in {checkpoint_path}")
+            state = json.loads(path.read_text())
+            if state["lora_config"]["rank"] != self.models[model_id].rank:
+                raise ValueError(
+                    f"Rank mismatch: checkpoint has rank {state['lora_config']['rank']}, "
+                    f"model configured with rank {self.models[model_id].rank}"
+                )
+            self.steps[model_id] = int(state["step"])
+
+        def save_sampler_checkpoint(
+            self, output_path: AnyPath, model_id: str, persist: bool = True
+        ) -> None:
+            # a tar.gz holding an adapter_config.json (no weights), as the JAX backend's does
+            lora = self.models[model_id]
+            with pack_and_upload(output_path) as directory:
+                config = {
+                    "peft_type": "LORA",
+                    "base_model_name_or_path": self.base_model,
+                    "r": lora.rank,
+                    "lora_alpha": lora.alpha,
+                    "null_backend_step": self.steps[model_id],
+                }
+                (directory / "adapter_config.json").write_text(json.dumps(config, indent=2))
+
+    return NullBackend, NullBackendConfig
+
+
+def _backend_arg(argv: list[str]) -> str | None:
+    """The value of `--backend` in an engine command line (as skyrl's `config_to_argv` writes
+    it: `--backend NAME`)."""
+    for flag, value in itertools.pairwise(argv):
+        if flag == "--backend":
+            return value
+    return None
+
+
 def run_engine(argv: list[str]) -> None:
     import runpy
 
     sys.argv = ["skyrl.tinker.engine", *argv]
-    runpy.run_module("skyrl.tinker.engine", run_name="__main__", alter_sys=True)
+    if _backend_arg(argv) != NULL_BACKEND:
+        runpy.run_module("skyrl.tinker.engine", run_name="__main__", alter_sys=True)
+        return
+    # skyrl's `get_backend_classes` knows jax, fsdp and megatron only. runpy would run a fresh
+    # copy of the module, out of reach of a patch, so the imported module is patched and its
+    # `main()` called: all its `__main__` block does. The API server takes any `--backend` name
+    # (EngineConfig.backend is a plain str); for "null" it routes samples through the engine
+    # (only fsdp/megatron forward them elsewhere), and the engine's `backend == "jax"` checks
+    # (single-role runtimes, the sample batch cap) do not apply: no other patch is needed.
+    import skyrl.tinker.engine as engine
+
+    skyrl_classes = engine.get_backend_classes
+
+    def get_backend_classes(backend_name: str, use_ray: bool = False) -> tuple[type, type]:
+        if backend_name == NULL_BACKEND:
+            return _null_backend_classes()
+        return skyrl_classes(backend_name, use_ray)
+
+    engine.get_backend_classes = get_backend_classes
+    engine.main()
 
 
 def main() -> None:
@@ -248,6 +436,7 @@ def main() -> None:
         import skyrl.tinker.engine
 
         _patch_api(skyrl.tinker.api)
+        _null_backend_classes()
     else:
         raise SystemExit(f"usage: {sys.argv[0]} api|engine|check ...")
 
