@@ -272,6 +272,9 @@ def apply_plan(
     at a time per local device (a stage's `devices`); stages on remote services run side by
     side. A failure starts no new stage and stops the running ones at their next item (what
     they finished is journaled); every failed stage is reported (`StagesFailed` when several)."""
+    for p in plan:  # a killed apply's half-written files (the caller holds the lock)
+        if store.remove_stale_temps(*p.key):
+            log.info("removed a killed apply's temp files from %s / %s", *p.key)
     sched = _Scheduler(store, plan, flags or Flags(), jobs)
     if sched.jobs == 1:
         sched.serial()

@@ -215,6 +215,25 @@ def test_sigkill_anywhere_then_reapply_equals_an_uninterrupted_run(project, kill
     assert paid == total + 1
 
 
+def test_a_killed_writes_temp_files_are_gone_after_the_next_apply(project, capsys):
+    """A SIGKILL in the middle of an atomic write leaves `.<name>.<random>.tmp` beside the file it
+    was writing (under --jobs, a light stage may be writing while another stage is killed). The
+    next apply deletes them, in every stage of its plan, so the outputs are exactly an
+    uninterrupted run's."""
+    apply(project, capsys)
+    want = outputs(project)
+    half = [
+        project.runs / "exp/dataset/.test.params.yaml.bmqmxc1y.tmp",
+        project.runs / "exp/sample_base/.samples.jsonl.x81kq0.tmp",
+    ]
+    for f in half:
+        f.write_bytes(b"half")
+    (project.runs / "exp/dataset/test.params.yaml").unlink()  # its write never finished
+    apply(project, capsys)
+    assert not any(f.exists() for f in half)
+    assert outputs(project) == want
+
+
 def test_retry_invalid_counts_against_the_judge_budget(project, capsys):
     project.edit(lambda d: d["judge"].update(model="kw-invalid-3"))
     apply(project, capsys)

@@ -87,6 +87,17 @@ class RunStore:
     def stage_dir(self, experiment: str, stage: str) -> Path:
         return self.root / experiment / stage
 
+    def remove_stale_temps(self, experiment: str, stage: str) -> int:
+        """Delete the temp files (`.<name>.<random>.tmp`, `atomic_write_*`) a killed apply left in
+        a stage's directory; how many. Only under the runs dir's lock: no write is under way."""
+        d = self.stage_dir(experiment, stage)
+        if not d.is_dir():
+            return 0
+        stale = [f for f in d.rglob(".*.tmp") if f.is_file()]
+        for f in stale:
+            f.unlink(missing_ok=True)
+        return len(stale)
+
     def memo(self, kind: str, item_version: int, basis: dict[str, Any]) -> ItemMemo:
         return ItemMemo(self.state, kind, item_version, basis)
 
