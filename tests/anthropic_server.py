@@ -160,6 +160,12 @@ def _error(kind: str, message: str) -> dict[str, Any]:
     }
 
 
+class _Server(ThreadingHTTPServer):
+    # many clients connect at the same moment (concurrency 32 and more): the default listen
+    # backlog of 5 refuses some of them, and their SDKs retry after a back-off
+    request_queue_size = 256
+
+
 class AnthropicServer:
     def __init__(
         self,
@@ -185,7 +191,7 @@ class AnthropicServer:
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._drop_held = threading.Event()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self._httpd = _Server(("127.0.0.1", 0), _handler(self))
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True

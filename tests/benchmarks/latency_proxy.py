@@ -21,6 +21,12 @@ from urllib.parse import urlsplit
 HOP = {"connection", "keep-alive", "transfer-encoding", "te", "upgrade", "proxy-connection"}
 
 
+class _Server(ThreadingHTTPServer):
+    # many clients connect at the same moment (concurrency 32 and more): the default listen
+    # backlog of 5 refuses some of them, and their SDKs retry after a back-off
+    request_queue_size = 256
+
+
 class LatencyProxy:
     def __init__(self, upstream: str, latency: float) -> None:
         target = urlsplit(upstream)
@@ -59,7 +65,7 @@ class LatencyProxy:
 
             do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _forward
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = _Server(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
