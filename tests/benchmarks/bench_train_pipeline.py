@@ -35,7 +35,7 @@ sys.path.insert(0, str(TESTS))
 sys.path.insert(0, str(TESTS / "benchmarks"))
 
 from conftest import DATA, build_tiny_model  # noqa: E402
-from latency_proxy import LatencyProxy  # noqa: E402
+from latency_proxy import ProxyProcess as LatencyProxy  # noqa: E402
 from tinker_server.bootstrap import ensure_venv, running_server  # noqa: E402
 
 MAX_LENGTH = 48  # every datum pads to one sequence bucket on the server: one compile

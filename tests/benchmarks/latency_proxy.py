@@ -82,3 +82,61 @@ class LatencyProxy:
     ) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class ProxyProcess:
+    """`LatencyProxy` in its own process: for benchmarks whose client runs in this process (the
+    SDK's threads would otherwise share one GIL with the proxy's, which a distant service does
+    not). Same use: `url`, `requests` (asked of the child), a context manager."""
+
+    def __init__(self, upstream: str, latency: float) -> None:
+        import subprocess
+        import sys
+
+        self._proc = subprocess.Popen(
+            [sys.executable, __file__, upstream, str(latency)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        self._in, self._out = self._proc.stdin, self._proc.stdout
+        self.url = self._out.readline().strip()
+        if not self.url.startswith("http://127.0.0.1:"):
+            raise RuntimeError(f"latency proxy process: no URL ({self.url!r})")
+
+    @property
+    def requests(self) -> int:
+        self._in.write("count\n")
+        self._in.flush()
+        return int(self._out.readline())
+
+    def __enter__(self) -> ProxyProcess:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._in.close()
+        self._proc.wait(timeout=30)
+
+
+def _serve(upstream: str, latency: float) -> None:
+    """The child of `ProxyProcess`: prints its URL, answers `count` lines with the number of
+    requests so far, stops at the end of stdin."""
+    import sys
+
+    with LatencyProxy(upstream, latency) as proxy:
+        print(proxy.url, flush=True)
+        for line in sys.stdin:
+            if line.strip() == "count":
+                print(proxy.requests, flush=True)
+
+
+if __name__ == "__main__":
+    import sys
+
+    _serve(sys.argv[1], float(sys.argv[2]))
