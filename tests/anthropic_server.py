@@ -35,15 +35,17 @@ Run standalone (for benchmarks): `python tests/anthropic_server.py --latency 0.2
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import re
+import subprocess
 import sys
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -462,6 +464,27 @@ def _handler(server: AnthropicServer) -> type[BaseHTTPRequestHandler]:
             self._json(404, _error("not_found_error", f"no route {self.path}"))
 
     return Handler
+
+
+@contextlib.contextmanager
+def in_own_process(latency: float) -> Iterator[str]:
+    """This server in a child process (benchmarks: its threads do not share the caller's GIL),
+    with `latency` seconds per message request; yields its URL, stops it on exit."""
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--latency", str(latency)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stdin is not None
+    url = proc.stdout.readline().strip()
+    try:
+        if not url.startswith("http://127.0.0.1:"):
+            raise RuntimeError(f"anthropic_server: no URL from the child ({url!r})")
+        yield url
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
 
 
 def main() -> None:

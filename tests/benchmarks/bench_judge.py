@@ -3,10 +3,11 @@
 Judges N items (default 2,000) against tests/anthropic_server.py, run in its own process with a
 fixed latency per request (default 200 ms), at concurrency C (default 32), and prints:
 
-- efficiency = wall time / (N x latency / C): 1.0 is perfect use of the C slots (goal <= 1.1);
+- `ratio judge_efficiency`: wall time / (N x latency / C): 1.0 is perfect use of the C slots
+  (goal <= 1.1);
 - the speed-up over a one-at-a-time loop like the seed's judge.py (a sync
   `anthropic.Anthropic().messages.create` per item), measured on a subset (default 50 items) and
-  extrapolated linearly to N (goal >= 25x).
+  extrapolated linearly to N (goal >= 25x), as `ratio concurrent_vs_one_at_a_time` (goal <= 0.04).
 
     .venv/bin/python tests/benchmarks/bench_judge.py [--items 2000] [--latency 0.2] ...
 """
@@ -15,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 
 def main() -> None:
@@ -32,21 +32,13 @@ def main() -> None:
     ap.add_argument("--sequential-items", type=int, default=50)
     args = ap.parse_args()
 
-    server = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests/anthropic_server.py"), "--latency", str(args.latency)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert server.stdout is not None and server.stdin is not None
-    url = server.stdout.readline().strip()
-    assert url.startswith("http://127.0.0.1:"), url
-    os.environ.update(ANTHROPIC_BASE_URL=url, ANTHROPIC_API_KEY="test-key", NO_PROXY="127.0.0.1")
-    try:
+    from anthropic_server import in_own_process
+
+    with in_own_process(args.latency) as url:
+        os.environ.update(
+            ANTHROPIC_BASE_URL=url, ANTHROPIC_API_KEY="test-key", NO_PROXY="127.0.0.1"
+        )
         run(args)
-    finally:
-        server.stdin.close()
-        server.wait(timeout=30)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -92,17 +84,15 @@ def run(args: argparse.Namespace) -> None:
     seq_all = seq * args.items / len(sub)
 
     print(
-        f"items {args.items}, latency {args.latency * 1000:.0f} ms, concurrency {args.concurrency}"
+        f"info: items {args.items}, latency {args.latency * 1000:.0f} ms, "
+        f"concurrency {args.concurrency}: {wall:.2f} s (ideal {ideal:.2f} s)"
     )
     print(
-        f"concurrent: {wall:.2f} s (ideal {ideal:.2f} s): "
-        f"efficiency {wall / ideal:.3f} (goal <= 1.1)"
+        f"info: one at a time: {seq:.2f} s for {len(sub)} items, extrapolated to {args.items}: "
+        f"{seq_all:.1f} s, speed-up {seq_all / wall:.1f}x (goal >= 25x)"
     )
-    print(
-        f"one at a time: {seq:.2f} s for {len(sub)} items, extrapolated to {args.items}: "
-        f"{seq_all:.1f} s"
-    )
-    print(f"speed-up: {seq_all / wall:.1f}x (goal >= 25x)")
+    print(f"ratio judge_efficiency {wall / ideal:.3f} goal <= 1.1")
+    print(f"ratio concurrent_vs_one_at_a_time {wall / seq_all:.4f} goal <= 0.04")
 
 
 if __name__ == "__main__":

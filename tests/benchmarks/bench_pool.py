@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -75,24 +74,17 @@ def main() -> None:
 
 def generation_pool(args: argparse.Namespace) -> None:
     """N generation requests through the pool to the local Messages server (its own latency)."""
+    from anthropic_server import in_own_process
+
     from spar.generators.anthropic import AnthropicGenerator
     from spar.generators.base import GenReply, GenRequest
 
     n, c, lat = args.requests, args.concurrency, args.latency
     # the latency is the server's own, in its own process (as bench_judge): an in-process proxy
     # would share this process's GIL with the 32 SDK threads, which a remote service does not
-    server = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests/anthropic_server.py"), "--latency", str(lat)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert server.stdout is not None and server.stdin is not None
-    url = server.stdout.readline().strip()
-    assert url.startswith("http://127.0.0.1:"), url
     gen = AnthropicGenerator("claude-test", max_tokens=64, system_prompt=None, max_retries=0)
     requests = [GenRequest(prompt=f"Write a question about topic {i}. n=1", n=1) for i in range(n)]
-    try:
+    with in_own_process(lat) as url:
         os.environ.update(ANTHROPIC_BASE_URL=url, ANTHROPIC_API_KEY="test-key")
         got: list[int] = []
 
@@ -106,9 +98,6 @@ def generation_pool(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         gen.generate_many(requests, c, on_reply)
         wall = time.perf_counter() - t0
-    finally:
-        server.stdin.close()
-        server.wait(timeout=30)
     assert sorted(got) == list(range(n)), "every request answered once"
     ideal = n * lat / c
     print(f"info: generation: {n} requests, {lat * 1000:.0f} ms server latency, concurrency {c}:")
