@@ -1,7 +1,7 @@
 """Progress-bar labels. Under `apply --jobs` the stages of several experiments (a sweep's points)
 run at once, each with its own bar; `apply` names the experiment for the thread running a stage
-(`labelled`), and every bar's description goes through `label`, so six `train` bars read
-`seed1-lr2 train`, `seed2-lr2 train`, ... instead of six `train`."""
+(`labelled`), and every bar's description goes through `label`, so a sweep's six `train` bars
+read `lr/training.seed=1 train`, `lr/training.seed=2 train`, ... instead of six `train`."""
 
 from __future__ import annotations
 

@@ -371,7 +371,6 @@ class JudgeStage(StageKind[JudgeParams, JudgeOptions]):
         )
 
     def run(self, ctx: RunContext[JudgeParams, JudgeOptions]) -> StageResult:
-
         from spar.judges import get_judge
 
         p, o = ctx.params, ctx.options

@@ -259,7 +259,6 @@ class JudgeAlsoStage(StageKind[AlsoParams, JudgeOptions]):
         )
 
     def run(self, ctx: RunContext[AlsoParams, JudgeOptions]) -> StageResult:
-
         from spar.judges import get_judge
 
         p, o = ctx.params, ctx.options

@@ -52,6 +52,8 @@ def old_draw(client: Any, prompts: list[Any], params: Callable[[int], Any], c: i
 
 
 def main() -> None:
+    from tinker_server.bootstrap import add_backend_option
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=500)
     ap.add_argument("--latency", type=float, default=0.3)
@@ -59,12 +61,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=2)
     ap.add_argument("--skip-old", action="store_true")
     ap.add_argument("--skip-sampling", action="store_true", help="only the generation figure")
-    ap.add_argument(
-        "--backend",
-        choices=("jax", "null"),
-        default="jax",
-        help="the skyrl server's backend (null: no compute, latency only)",
-    )
+    add_backend_option(ap)
     args = ap.parse_args()
     os.environ.update(HF_HUB_OFFLINE="1", NO_PROXY="127.0.0.1", TINKER_API_KEY="tml-spar-test")
     if not args.skip_sampling:

@@ -130,17 +130,14 @@ def bench_plan(work: Path) -> None:
 
 
 def main() -> None:
+    from tinker_server.bootstrap import add_backend_option
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--latency", type=float, default=0.5)
     ap.add_argument("--jobs", type=int, default=8)
     ap.add_argument("--skip-sweep", action="store_true", help="only the plan figure")
     ap.add_argument("--skip-plan", action="store_true", help="only the sweep figure")
-    ap.add_argument(
-        "--backend",
-        choices=("jax", "null"),
-        default="jax",
-        help="the skyrl server's backend for the sweep (null: no compute, latency only)",
-    )
+    add_backend_option(ap, " for the sweep")
     ap.add_argument("--keep", type=Path, help="work here and keep it (runs dirs, stage logs)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

@@ -36,7 +36,7 @@ sys.path.insert(0, str(TESTS / "benchmarks"))
 
 from conftest import DATA, build_tiny_model  # noqa: E402
 from latency_proxy import ProxyProcess as LatencyProxy  # noqa: E402
-from tinker_server.bootstrap import ensure_venv, running_server  # noqa: E402
+from tinker_server.bootstrap import add_backend_option, ensure_venv, running_server  # noqa: E402
 
 MAX_LENGTH = 48  # every datum pads to one sequence bucket on the server: one compile
 
@@ -107,12 +107,7 @@ def main() -> None:
         help="also measure these pipeline depths, comma-separated (info lines only)",
     )
     ap.add_argument("--save-every", type=int, default=0)
-    ap.add_argument(
-        "--backend",
-        choices=("jax", "null"),
-        default="jax",
-        help="the skyrl server's backend (null: no compute, latency only)",
-    )
+    add_backend_option(ap)
     args = ap.parse_args()
 
     from spar.stages.train import PIPELINE_DEPTH

@@ -9,6 +9,7 @@ Everything happens on this machine: the only network use is pip reaching the pac
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import glob
 import hashlib
@@ -135,6 +136,19 @@ def _healthy(url: str) -> bool:
         return False
 
 
+BACKENDS = ("jax", "null")  # skyrl's JAX backend; launch.py's compute-free one (benchmarks)
+
+
+def add_backend_option(ap: argparse.ArgumentParser, what: str = "") -> None:
+    """A benchmark's `--backend jax|null` (default jax), passed to `running_server`."""
+    ap.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="jax",
+        help=f"the skyrl server's backend{what} (null: no compute, latency only)",
+    )
+
+
 @contextlib.contextmanager
 def running_server(
     venv: Path, base_model: Path, workdir: Path, backend: str = "jax"
@@ -144,7 +158,7 @@ def running_server(
     `backend` "jax" is skyrl's JAX backend (every test); "null" is launch.py's compute-free
     stand-in, for benchmarks that measure spar against a service whose only cost is latency.
     """
-    if backend not in ("jax", "null"):
+    if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r}: jax or null")
     jax_config = {"max_lora_adapters": 64, "sample_max_num_sequences": 4}
     # the null backend has nothing to size: no --backend-config
