@@ -253,3 +253,66 @@ def test_retry_invalid_counts_against_the_judge_budget(project, capsys):
         capsys=capsys,
     )
     assert r.code == 0 and project.calls_of("judge") == asked + invalid
+
+
+def test_two_stages_saving_equal_bytes_at_once_both_succeed(tmp_path):
+    """Two stages (sweep points under --jobs) whose outputs have equal bytes save the same
+    cache object at once. Stage A's copy is held mid-way (its source is a pipe that has given
+    half the bytes); stage B saves the same object meanwhile; then A finishes. Both saves
+    succeed and the object holds the bytes. (With one shared temp name per object, B's rename
+    took A's temp file away and A failed with FileNotFoundError.)"""
+    import os
+    import threading
+
+    from spar.store import RunStore, hash_path
+    from spar.store.files import ParamsRecord, now_iso
+
+    store = RunStore(tmp_path / "runs")
+    data = b"identical output bytes\n" * 1000
+    plain = tmp_path / "b.out"
+    plain.write_bytes(data)
+    digest = hash_path(plain)
+
+    def record(fp: str) -> ParamsRecord:
+        return ParamsRecord(
+            stage="report", kind="report", stage_version=1, experiment=fp, fingerprint=fp,
+            params={}, inputs={}, upstream={}, output="out", output_hash=digest,
+            versions={}, started=now_iso(), finished=now_iso(),
+        )  # fmt: skip
+
+    pipe = tmp_path / "a.out"
+    os.mkfifo(pipe)
+    errors: list[BaseException] = []
+
+    def save_a() -> None:
+        try:
+            store.cache.save("a" * 64, {"out": pipe}, {"out": record("a" * 64)})
+        except BaseException as e:
+            errors.append(e)
+
+    a = threading.Thread(target=save_a)
+    a.start()
+    fd = None
+    for _ in range(1000):  # until A has opened the pipe (no reader yet: ENXIO)
+        try:
+            fd = os.open(pipe, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError:
+            a.join(0.01)
+    assert fd is not None, f"A never read its source: {errors}"
+    os.set_blocking(fd, True)
+    with os.fdopen(fd, "wb") as writer:
+        writer.write(data[:100])
+        writer.flush()
+        objects = store.cache.root / "objects" / digest[:2]
+        for _ in range(1000):  # until A's copy has begun (its temp file exists)
+            if objects.is_dir() and any(objects.glob(".*.tmp")):
+                break
+            a.join(0.01)
+        assert any(objects.glob(".*.tmp")), "A's copy did not start"
+        store.cache.save("b" * 64, {"out": plain}, {"out": record("b" * 64)})
+        writer.write(data[100:])
+    a.join(30)
+    assert not errors, errors
+    assert (objects / digest).read_bytes() == data
+    assert store.cache.lookup("a" * 64) is not None and store.cache.lookup("b" * 64) is not None

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict
 
 from spar.store.files import (
     ParamsRecord,
+    atomic_copy,
     atomic_write_text,
     now_iso,
     params_path,
@@ -62,11 +63,8 @@ class RunCache:
         for name, path in outputs.items():
             digest = records[name].output_hash
             target = self._object(digest)
-            if not target.exists():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                tmp = target.with_name(f".{digest}.tmp")
-                shutil.copyfile(path, tmp)
-                tmp.replace(target)
+            if not target.exists():  # two stages saving equal bytes at once: both may copy
+                atomic_copy(path, target)
             hashes[name] = digest
         manifest = CacheManifest(
             fingerprint=fingerprint,

@@ -6,10 +6,12 @@ import contextlib
 import datetime as dt
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import yaml
 from pydantic import BaseModel, ConfigDict
@@ -40,12 +42,14 @@ def redact_json(value: Any) -> Any:
     return json.loads(redact(json.dumps(value, ensure_ascii=False)))
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def _atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write `path` through a temp file of its own (unique per writer, so two threads or
+    processes writing the same path never share one), then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -53,6 +57,20 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    _atomic(path, lambda f: f.write(data))
+
+
+def atomic_copy(src: Path, path: Path) -> None:
+    """Copy `src` to `path` atomically (streamed: outputs may be large)."""
+
+    def copy(f: BinaryIO) -> None:
+        with src.open("rb") as source:
+            shutil.copyfileobj(source, f)
+
+    _atomic(path, copy)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
